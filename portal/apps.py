@@ -1,0 +1,9 @@
+from django.apps import AppConfig
+
+
+class PortalConfig(AppConfig):
+    name = "portal"
+    verbose_name = "Berth portal"
+
+    def ready(self):
+        from portal import signals  # noqa: F401  (connects login/logout auditing)

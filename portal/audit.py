@@ -1,0 +1,116 @@
+"""The tamper-evident audit trail: writing records and verifying the chain.
+
+Each record's MAC is HMAC-SHA256(audit key, previous MAC || canonical record),
+so a record cannot be edited, removed, reordered or inserted without the key.
+The first record chains from the empty string.
+"""
+import datetime as dt
+import hashlib
+import hmac
+import json
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from portal.models import ActorKind, AuditHead, AuditRecord, Outcome
+
+FIELDS = ("seq", "time", "actor_kind", "actor", "action", "target", "outcome",
+          "source_ip", "details")
+
+
+def canonical(record: AuditRecord) -> bytes:
+    """The exact bytes the MAC covers: fixed fields, sorted keys, UTC time."""
+    values = {name: getattr(record, name) for name in FIELDS}
+    values["time"] = record.time.astimezone(dt.UTC).isoformat(timespec="microseconds")
+    return json.dumps(values, sort_keys=True, separators=(",", ":"), default=str).encode()
+
+
+def compute_mac(previous_mac: str, record: AuditRecord) -> str:
+    return hmac.new(settings.AUDIT_KEY, previous_mac.encode() + canonical(record),
+                    hashlib.sha256).hexdigest()
+
+
+@dataclass(frozen=True)
+class Actor:
+    kind: str
+    name: str
+
+    @classmethod
+    def system(cls, name="berth"):
+        return cls(ActorKind.SYSTEM, name)
+
+
+def actor_of(request) -> Actor:
+    """Who is asking: a token (named by its prefix), a user, or nobody."""
+    auth = getattr(request, "auth", None)
+    user = getattr(request, "user", None)
+    if auth is not None and hasattr(auth, "token_key"):
+        return Actor(ActorKind.TOKEN, f"{user.get_username()}:token:{auth.token_key}")
+    if user is not None and user.is_authenticated:
+        return Actor(ActorKind.USER, user.get_username())
+    return Actor(ActorKind.ANONYMOUS, "anonymous")
+
+
+def client_ip(request):
+    if request is None:
+        return None
+    return request.META.get("REMOTE_ADDR") or None
+
+
+def record(action, *, actor: Actor, target="", outcome=Outcome.ALLOWED, source_ip=None,
+           details=None) -> AuditRecord:
+    """Append one record to the chain, atomically with respect to other writers."""
+    with transaction.atomic():
+        head, _ = AuditHead.objects.select_for_update().get_or_create(id=1)
+        entry = AuditRecord(
+            seq=head.seq + 1,
+            time=timezone.now(),
+            actor_kind=actor.kind, actor=actor.name[:200], action=action,
+            target=str(target)[:300], outcome=outcome, source_ip=source_ip,
+            details=details or {},
+        )
+        entry.mac = compute_mac(head.mac, entry)
+        entry.save()
+        head.seq, head.mac = entry.seq, entry.mac
+        head.save(update_fields=["seq", "mac"])
+    return entry
+
+
+def record_request(request, action, *, target="", outcome=Outcome.ALLOWED, details=None):
+    """Shorthand for views: actor and source address come from the request."""
+    return record(action, actor=actor_of(request), target=target, outcome=outcome,
+                  source_ip=client_ip(request), details=details)
+
+
+@dataclass(frozen=True)
+class Verification:
+    ok: bool
+    count: int
+    broken_seq: int | None = None
+    reason: str = ""
+
+
+def verify_chain(batch_size=2000) -> Verification:
+    """Walk the chain in sequence order; report the first record that breaks it."""
+    previous_mac, expected_seq, count = "", 1, 0
+    queryset = AuditRecord.objects.order_by("seq")
+    for entry in queryset.iterator(chunk_size=batch_size):
+        if entry.seq != expected_seq:
+            return Verification(False, count, expected_seq,
+                                f"record {expected_seq} is missing or out of order")
+        if not hmac.compare_digest(entry.mac, compute_mac(previous_mac, entry)):
+            return Verification(False, count, entry.seq,
+                                f"record {entry.seq} does not match its MAC")
+        previous_mac, expected_seq, count = entry.mac, expected_seq + 1, count + 1
+    return _check_head(previous_mac, count)
+
+
+def _check_head(last_mac, count) -> Verification:
+    head = AuditHead.objects.filter(id=1).first()
+    head_seq, head_mac = (head.seq, head.mac) if head else (0, "")
+    if head_seq != count or not hmac.compare_digest(head_mac, last_mac):
+        return Verification(False, count, count + 1,
+                            f"records after {count} were removed (chain head is at {head_seq})")
+    return Verification(True, count)

@@ -1,0 +1,2 @@
+"""WebSocket routes. Apps append theirs; every consumer authorises on connect."""
+websocket_urlpatterns = []

@@ -1,0 +1,20 @@
+from django.urls import include, path, re_path
+
+from portal.views import audit, auth, dashboard, people
+
+urlpatterns = [
+    path("", dashboard.dashboard, name="dashboard"),
+    path("login/", auth.LoginView.as_view(), name="login"),
+    path("logout/", auth.LogoutView.as_view(), name="logout"),
+    path("audit/", audit.audit_list, name="audit"),
+    path("audit/verify", audit.audit_verify, name="audit-verify"),
+    re_path(r"^audit/export\.(?P<fmt>jsonl|csv)$", audit.audit_export, name="audit-export"),
+    path("people/", people.people, name="people"),
+    path("vault/", include("vault.urls")),
+    path("jobs/", include("migrator.urls")),
+    path("api/v1/", include("portal.api.urls")),
+]
+
+handler403 = "portal.views.errors.forbidden"
+handler404 = "portal.views.errors.not_found"
+handler500 = "portal.views.errors.server_error"
