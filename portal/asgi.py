@@ -1,7 +1,7 @@
 """ASGI entry point: HTTP to Django, WebSockets through origin checks and sessions.
 
-Later, raw streaming endpoints (image upload) are routed here ahead of Django,
-because Django's ASGI handler spools whole request bodies to disk.
+The image upload is routed ahead of Django (vault.upload), because Django's
+ASGI handler spools whole request bodies to a temporary file.
 """
 import os
 
@@ -16,8 +16,13 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
 from portal.routing import websocket_urlpatterns  # noqa: E402
+from portal.startup import run_startup_housekeeping  # noqa: E402
+from vault import upload  # noqa: E402
+
+run_startup_housekeeping()
 
 application = ProtocolTypeRouter({
-    "http": django_application,
+    # Image uploads stream into the vault before Django could spool them to disk.
+    "http": upload.route(django_application),
     "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
 })

@@ -68,6 +68,9 @@ class APIToken(AbstractAuthToken):
     name = models.CharField(max_length=100, blank=True)
     scopes = models.JSONField(default=list, blank=True)
     last_used = models.DateTimeField(null=True, blank=True)
+    # Optional restriction to listed vault images (UUID strings); empty = any
+    # image the user may access.
+    image_ids = models.JSONField(default=list, blank=True)
 
     class Meta:
         verbose_name = "API token"

@@ -193,6 +193,21 @@ REST_FRAMEWORK = {
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
 
+# --- vault --------------------------------------------------------------------
+VAULT_DIR = Path(env("VAULT_DIR", DATA_DIR / "vault")).resolve()
+# The keyring (master keys) lives apart from the vault: back it up separately.
+VAULT_KEYRING = Path(env("VAULT_KEYRING", KEYS_DIR / "vault-keyring.json")).resolve()
+# When set, a JSON keyring in this environment variable is used instead (read-only).
+VAULT_KEYRING_ENV = env("VAULT_KEYRING_ENV")
+VAULT_ALGORITHM = env("VAULT_ALGORITHM", "aes-256-gcm")
+VAULT_CHUNK_MIB = env_int("VAULT_CHUNK_MIB", 1)
+VAULT_COMPRESS = env_bool("VAULT_COMPRESS")
+VAULT_MAX_IMAGE_BYTES = env_int("VAULT_MAX_IMAGE_GIB", 64) * 1024**3
+VAULT_ADMINS_HOLD_ALL = env_bool("VAULT_ADMINS_HOLD_ALL", True)
+# Seconds an unreferenced object must have existed before start-up cleanup
+# removes it: another portal process may be committing it right now.
+VAULT_ORPHAN_GRACE_SECONDS = env_int("VAULT_ORPHAN_GRACE_SECONDS", 3600)
+
 # --- static files -------------------------------------------------------------
 STATIC_URL = "static/"
 STATIC_ROOT = DATA_DIR / "static"

@@ -31,9 +31,16 @@ def test_auditors_reach_reader_pages(auditor_client, path):
     assert auditor_client.get(path).status_code == 200
 
 
-@pytest.mark.parametrize("path", ["/audit/", "/people/", "/vault/", "/jobs/"])
+@pytest.mark.parametrize("path", ["/audit/", "/people/", "/jobs/"])
 def test_users_without_a_role_are_refused(outsider_client, path):
     assert outsider_client.get(path).status_code == 403
+
+
+def test_users_without_a_role_see_only_granted_images(outsider_client):
+    # Images can be granted to anyone, so the vault list is open to every account.
+    response = outsider_client.get("/vault/")
+    assert response.status_code == 200
+    assert list(response.context["page"].object_list) == []
 
 
 def test_admin_creates_a_user_with_a_role(admin_client):

@@ -1,0 +1,52 @@
+"""Authenticate a raw ASGI HTTP scope the way a DRF view would.
+
+Raw ASGI endpoints (the streaming upload) run ahead of Django, so they cannot
+use Django's request cycle. They build a body-less request from the scope and
+run the same session and token authentication as the API, CSRF check included,
+so there is one definition of who is asking.
+"""
+import io
+
+from django.contrib.auth.middleware import AuthenticationMiddleware
+from django.contrib.sessions.middleware import SessionMiddleware
+from django.core.handlers.asgi import ASGIRequest
+from rest_framework import exceptions
+from rest_framework.request import Request
+from rest_framework.settings import api_settings
+
+
+class AuthResult:
+    def __init__(self, request=None, status=200, error="", detail="", django_request=None):
+        self.request, self.status, self.error, self.detail = request, status, error, detail
+        self.django_request = django_request
+
+    @property
+    def ok(self):
+        return self.request is not None
+
+
+def authenticate_scope(scope) -> AuthResult:
+    """Return the authenticated DRF request, or the 401 to send back. Sync: call via a thread."""
+    django_request = ASGIRequest(scope, io.BytesIO())
+    SessionMiddleware(lambda r: None).process_request(django_request)
+    AuthenticationMiddleware(lambda r: None).process_request(django_request)
+    return authenticate_request(django_request)
+
+
+def authenticate_request(django_request) -> AuthResult:
+    """Run the API authenticators on a request that went through Django's middleware.
+
+    For async views outside DRF (the streaming download). Sync: call via a thread.
+    """
+    authenticators = [cls() for cls in api_settings.DEFAULT_AUTHENTICATION_CLASSES]
+    request = Request(django_request, authenticators=authenticators)
+    try:
+        user = request.user
+    except exceptions.APIException as exc:
+        return AuthResult(status=exc.status_code, error=exc.default_code, detail=str(exc.detail),
+                          django_request=django_request)
+    if not user.is_authenticated:
+        return AuthResult(status=401, error="not_authenticated",
+                          detail="Authentication credentials were not provided.",
+                          django_request=django_request)
+    return AuthResult(request)

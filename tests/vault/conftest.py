@@ -1,0 +1,50 @@
+"""Vault fixtures: a private vault and keyring per test, and a way to store images."""
+import os
+
+import pytest
+from django.test import RequestFactory
+
+from vault import service
+
+
+@pytest.fixture(autouse=True)
+def private_vault(settings, tmp_path):
+    settings.VAULT_DIR = tmp_path / "vault"
+    settings.VAULT_KEYRING = tmp_path / "keys" / "vault-keyring.json"
+    settings.VAULT_KEYRING_ENV = None
+    settings.VAULT_CHUNK_MIB = 1
+    service.reset_caches()
+    yield settings.VAULT_DIR
+    service.reset_caches()
+
+
+def request_as(user, path="/"):
+    request = RequestFactory().get(path, REMOTE_ADDR="127.0.0.1")
+    request.user = user
+    return request
+
+
+def store_image(user, data: bytes, name="etch", **meta):
+    """Store ``data`` as an image created by ``user``, as an upload would."""
+    sink = service.ImageSink()
+    for start in range(0, len(data), 3 * 1024 * 1024):
+        sink.write(data[start:start + 3 * 1024 * 1024])
+    stats = sink.finish()
+    return service.register_image(request_as(user), sink, stats, {"name": name, **meta})
+
+
+def memory_like(size, seed=1):
+    """Bytes shaped like guest memory: zero pages, text pages, random pages."""
+    import random
+
+    rng = random.Random(seed)
+    pages = []
+    for _ in range(size // 4096 + 1):
+        kind = rng.random()
+        if kind < 0.6:
+            pages.append(bytes(4096))
+        elif kind < 0.85:
+            pages.append((b"GET /index.html HTTP/1.1 200 " * 200)[:4096])
+        else:
+            pages.append(os.urandom(4096))
+    return b"".join(pages)[:size]

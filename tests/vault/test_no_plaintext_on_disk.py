@@ -1,0 +1,56 @@
+"""Upload through the real server; the plaintext marker must appear on no disk we can see."""
+import os
+import secrets
+import tempfile
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.server import PortalServer, manage
+
+
+def contains(root: Path, marker: bytes) -> list[Path]:
+    hits = []
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            try:
+                if marker in path.read_bytes():
+                    hits.append(path)
+            except OSError:
+                continue
+    return hits
+
+
+@pytest.fixture
+def server(tmp_path):
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    portal = PortalServer(tmp_path / "data", {"TMPDIR": str(temp)})
+    (tmp_path / "data").mkdir()
+    portal.start()
+    yield portal, temp
+    portal.stop()
+
+
+def test_uploaded_plaintext_never_touches_disk(server):
+    portal, temp = server
+    out = manage("tokens", "issue", "admin", "--scope", "images:write", "--scope",
+                 "images:download", env=portal.env).stdout
+    token = out.split("token: ")[1].split()[0]
+    marker = b"BERTH-MARKER-" + secrets.token_hex(16).encode()
+    # Several MiB, the marker repeated on many pages and across chunk boundaries.
+    page = marker + os.urandom(4096 - len(marker))
+    data = page * 1500
+    headers = {"Authorization": f"Token {token}", "Content-Type": "application/octet-stream",
+               "X-Berth-Name": "marker-image"}
+    with httpx.Client(base_url=portal.url, timeout=60) as client:
+        response = client.post("/api/v1/images/", content=data, headers=headers)
+        assert response.status_code == 201, response.text
+        image_id = response.json()["id"]
+        download = client.get(f"/api/v1/images/{image_id}/content", headers=headers)
+        assert download.content == data
+    portal.stop()
+    assert contains(Path(portal.env["BERTH_DATA_DIR"]), marker) == []
+    assert contains(temp, marker) == []
+    assert contains(Path(tempfile.gettempdir()), marker) == []

@@ -1,0 +1,164 @@
+"""The raw ASGI upload endpoint, driven in-process with hand-made ASGI messages."""
+import hashlib
+import json
+
+import pytest
+from asgiref.sync import sync_to_async
+
+from portal.accounts import issue_token
+from portal.models import AuditRecord
+from tests.vault.conftest import memory_like
+from vault import service
+from vault.models import SavedImage
+from vault.upload import handle_upload
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def scope_for(headers, path="/api/v1/images/"):
+    return {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(),
+            "query_string": b"", "headers": [(k.lower().encode(), v.encode())
+                                             for k, v in headers.items()],
+            "client": ("127.0.0.1", 5555), "server": ("127.0.0.1", 8000), "scheme": "http",
+            "http_version": "1.1", "asgi": {"version": "3.0"}}
+
+
+async def post(headers, pieces, *, disconnect_after=None):
+    """Run the upload app; return (status, json body) or (None, None) if nothing was sent."""
+    messages = [{"type": "http.request", "body": p, "more_body": i < len(pieces) - 1}
+                for i, p in enumerate(pieces)]
+    if disconnect_after is not None:
+        messages = messages[:disconnect_after] + [{"type": "http.disconnect"}]
+    sent = []
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    await handle_upload(scope_for(headers), receive, send)
+    if not sent:
+        return None, None
+    return sent[0]["status"], json.loads(sent[1]["body"])
+
+
+@pytest.fixture
+def token(admin_user):
+    return issue_token(admin_user, ["images:write", "images:read"], days=1)[1]
+
+
+def headers_for(token, size, **extra):
+    return {"Authorization": f"Token {token}", "Content-Type": "application/octet-stream",
+            "Content-Length": str(size), "X-Berth-Name": "etch", **extra}
+
+
+def pieces_of(data, size=256 * 1024):
+    return [data[i:i + size] for i in range(0, len(data), size)] or [b""]
+
+
+def nothing_stored():
+    store = service.storage()
+    files = [p for p in store.root.rglob("*") if p.is_file()] if store.root.exists() else []
+    return files == [] and not SavedImage.objects.exists()
+
+
+async def test_upload_streams_into_the_vault_and_returns_the_record(token):
+    data = memory_like(2 * 1024 * 1024 + 999)
+    status, body = await post(headers_for(token, len(data), **{
+        "X-Berth-Guest-Name": "debian_etch", "X-Berth-Memory-MiB": "128",
+        "X-Berth-SHA256": hashlib.sha256(data).hexdigest()}), pieces_of(data))
+    assert status == 201, body
+    assert body["plaintext_size"] == len(data)
+    assert body["sha256"] == hashlib.sha256(data).hexdigest()
+    assert body["guest_name"] == "debian_etch" and body["memory_mib"] == 128
+    assert body["stored_size"] < len(data)  # zero pages cost nothing
+
+
+async def test_client_dropping_mid_stream_leaves_no_object_and_no_row(token):
+    data = memory_like(3 * 1024 * 1024)
+    status, _ = await post(headers_for(token, len(data)), pieces_of(data), disconnect_after=5)
+    assert status is None
+    assert await sync_to_async(nothing_stored)()
+
+
+async def test_body_shorter_than_content_length_stores_nothing(token):
+    data = memory_like(1024 * 1024)
+    status, body = await post(headers_for(token, len(data) + 10), pieces_of(data))
+    assert status == 400 and body["error"] == "length_mismatch"
+    assert await sync_to_async(nothing_stored)()
+
+
+async def test_body_longer_than_content_length_stores_nothing(token):
+    data = memory_like(1024 * 1024)
+    status, body = await post(headers_for(token, len(data) - 10), pieces_of(data))
+    assert status == 400
+    assert await sync_to_async(nothing_stored)()
+
+
+async def test_oversized_upload_is_413_before_reading(token, settings):
+    settings.VAULT_MAX_IMAGE_BYTES = 1000
+    status, body = await post(headers_for(token, 5000), [b"x" * 5000])
+    assert status == 413 and "limited" in body["detail"]
+    assert await sync_to_async(nothing_stored)()
+
+
+async def test_oversized_chunked_upload_is_413(token, settings):
+    settings.VAULT_MAX_IMAGE_BYTES = 1000
+    headers = headers_for(token, 0)
+    del headers["Content-Length"]
+    status, _ = await post(headers, [b"x" * 600, b"x" * 600])
+    assert status == 413
+    assert await sync_to_async(nothing_stored)()
+
+
+async def test_digest_mismatch_is_422_and_stores_nothing(token):
+    status, body = await post(headers_for(token, 4, **{"X-Berth-SHA256": "0" * 64}), [b"abcd"])
+    assert status == 422 and body["error"] == "digest_mismatch"
+    assert await sync_to_async(nothing_stored)()
+
+
+async def test_missing_name_is_400(token):
+    headers = headers_for(token, 4)
+    del headers["X-Berth-Name"]
+    status, body = await post(headers, [b"abcd"])
+    assert status == 400 and "X-Berth-Name" in body["detail"]
+
+
+async def test_wrong_content_type_is_415(token):
+    status, _ = await post(headers_for(token, 4, **{"Content-Type": "multipart/form-data"}),
+                           [b"abcd"])
+    assert status == 415
+
+
+async def test_anonymous_upload_is_401():
+    status, body = await post({"Content-Type": "application/octet-stream",
+                               "X-Berth-Name": "x"}, [b"abcd"])
+    assert status == 401
+
+
+@pytest.fixture
+def auditor_token(auditor_user):
+    return issue_token(auditor_user, ["images:write"], days=1)[1]
+
+
+@pytest.fixture
+def read_only_token(admin_user):
+    return issue_token(admin_user, ["images:read"], days=1)[1]
+
+
+async def test_auditor_upload_is_403_and_audited(auditor_token):
+    token = auditor_token
+    status, _ = await post(headers_for(token, 4), [b"abcd"])
+    assert status == 403
+    assert await AuditRecord.objects.filter(action="image.upload", outcome="denied").aexists()
+
+
+async def test_token_without_write_scope_is_403(read_only_token):
+    status, _ = await post(headers_for(read_only_token, 4), [b"abcd"])
+    assert status == 403
+
+
+async def test_empty_image_is_stored(token):
+    status, body = await post(headers_for(token, 0), [b""])
+    assert status == 201 and body["plaintext_size"] == 0

@@ -1,0 +1,183 @@
+"""The vault's operations: store, open, verify, delete, rotate, clean up.
+
+Glue between the Django-free cores (vault.format, vault.keys, vault.storage)
+and the rest of the portal. Every function that touches an image takes the
+already-authorised image; access checks live in vault.access.
+"""
+import logging
+import os
+import time
+import uuid
+from functools import lru_cache
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+from guardian.shortcuts import assign_perm
+
+from portal import audit
+from portal.models import Outcome
+from vault import format as vformat
+from vault import keys as vkeys
+from vault.access import ACTIONS, PERMISSIONS
+from vault.models import SavedImage
+from vault.storage import LocalStorage
+
+log = logging.getLogger(__name__)
+
+ALGORITHMS = {"aes-256-gcm": vformat.ALG_AES_256_GCM,
+              "chacha20-poly1305": vformat.ALG_CHACHA20_POLY1305}
+
+
+@lru_cache(maxsize=1)
+def storage():
+    return LocalStorage(settings.VAULT_DIR)
+
+
+@lru_cache(maxsize=1)
+def keyring():
+    if settings.VAULT_KEYRING_ENV:
+        return vkeys.EnvProvider(settings.VAULT_KEYRING_ENV)
+    return vkeys.KeyringFileProvider(settings.VAULT_KEYRING)
+
+
+def reset_caches():
+    """Forget cached backends (tests change settings between runs)."""
+    storage.cache_clear()
+    keyring.cache_clear()
+
+
+class ImageSink:
+    """Encrypts plaintext pieces into a new, not yet visible, vault object.
+
+    Blocking methods; async callers use ``asyncio.to_thread``. Holds the data
+    key only in memory; it is written to storage solely in wrapped form.
+    """
+
+    def __init__(self):
+        self.image_id = uuid.uuid4()
+        self._dek = os.urandom(32)
+        self._encoder = vformat.ChunkEncoder(
+            self._dek, self.image_id, chunk_size=settings.VAULT_CHUNK_MIB * 1024 * 1024,
+            algorithm=ALGORITHMS[settings.VAULT_ALGORITHM], compress=settings.VAULT_COMPRESS)
+        self.header = self._encoder.header
+        self._writer = storage().open_writer(str(self.image_id))
+        self._writer.write(self.header)
+        self.stored_size = len(self.header)
+
+    def write(self, data: bytes):
+        for record in self._encoder.feed(data):
+            self._writer.write(record)
+            self.stored_size += len(record)
+
+    def finish(self, expected_sha256=None):
+        """Seal the stream and, if its digest is the expected one, make the
+        object and its key envelope durable. Returns the image's stats."""
+        for record in self._encoder.finish():
+            self._writer.write(record)
+            self.stored_size += len(record)
+        stats = self._encoder.stats
+        if expected_sha256 and expected_sha256 != stats.sha256:
+            raise DigestMismatch(stats.sha256, expected_sha256)
+        version, kek = keyring().current_key()
+        envelope = vformat.wrap_data_key(kek, version, self._dek, self.header)
+        storage().put_envelope(str(self.image_id), envelope)
+        self._writer.commit()
+        self.key_version = version
+        self._dek = None
+        return stats
+
+    def abort(self):
+        """Remove every trace: the partial write, or the committed object and envelope."""
+        if self._writer.committed:
+            storage().shred(str(self.image_id))
+        else:
+            self._writer.abort()
+            storage().delete_envelope(str(self.image_id))
+        self._dek = None
+
+
+class DigestMismatch(Exception):
+    def __init__(self, actual, expected):
+        super().__init__(f"Content SHA-256 is {actual}, not the declared {expected}.")
+        self.actual, self.expected = actual, expected
+
+
+def register_image(request, sink, stats, meta):
+    """Create the row for a committed object; undo the object if that fails."""
+    try:
+        with transaction.atomic():
+            image = SavedImage.objects.create(
+                id=sink.image_id, name=meta["name"], guest_uuid=meta.get("guest_uuid"),
+                guest_name=meta.get("guest_name", ""), source_host=meta.get("source_host", ""),
+                plaintext_size=stats.plaintext_size, stored_size=sink.stored_size,
+                sha256=stats.sha256, key_version=sink.key_version,
+                format_version=vformat.FORMAT_VERSION, algorithm=settings.VAULT_ALGORITHM,
+                chunk_size=settings.VAULT_CHUNK_MIB * 1024 * 1024,
+                memory_mib=meta.get("memory_mib"), vcpus=meta.get("vcpus"),
+                architecture=meta.get("architecture", ""),
+                virt_extensions=meta.get("virt_extensions", ""),
+                created_by=request.user)
+            for action in ACTIONS:
+                assign_perm(PERMISSIONS[action], request.user, image)
+            audit.record_request(request, "image.upload", target=image.target,
+                                 details={"name": image.name, "size": image.plaintext_size,
+                                          "stored": image.stored_size})
+    except BaseException:
+        storage().shred(str(sink.image_id))
+        raise
+    return image
+
+
+def image_json(image):
+    from vault.serializers import SavedImageSerializer
+
+    return SavedImageSerializer(image).data
+
+
+def open_reader(image):
+    """An ImageReader over the stored object, its data key unwrapped."""
+    f = storage().open_reader(str(image.id))
+    try:
+        header = vformat.read_header(f)
+        envelope = storage().get_envelope(str(image.id))
+        dek = vformat.unwrap_data_key(keyring().key, envelope, header)
+        f.seek(0)
+        return vformat.ImageReader(f, dek)
+    except BaseException:
+        f.close()
+        raise
+
+
+def verify(image, *, actor=None, request=None):
+    """Authenticate every chunk without keeping plaintext; record the outcome."""
+    started = time.monotonic()
+    try:
+        reader = open_reader(image)
+        try:
+            stats = reader.verify()
+        finally:
+            reader.close()
+        ok = stats.sha256 == image.sha256 and stats.plaintext_size == image.plaintext_size
+        reason = "" if ok else "content digest differs from the recorded one"
+    except (vformat.FormatError, vkeys.KeyringError, FileNotFoundError) as exc:
+        ok, reason = False, str(exc) or type(exc).__name__
+    SavedImage.objects.filter(id=image.id).update(last_verified_at=timezone.now(),
+                                                   last_verify_ok=ok)
+    details = {"ok": ok, "reason": reason, "seconds": round(time.monotonic() - started, 3)}
+    outcome = Outcome.ALLOWED if ok else Outcome.FAILED
+    if request is not None:
+        audit.record_request(request, "image.verify", target=image.target, outcome=outcome,
+                             details=details)
+    else:
+        audit.record("image.verify", actor=actor or audit.Actor.system(), target=image.target,
+                     outcome=outcome, details=details)
+    return ok, reason
+
+
+def delete(image, request):
+    """Crypto-shred: the wrapped data key goes first, then ciphertext, then the row."""
+    storage().shred(str(image.id))
+    target = image.target
+    image.delete()
+    audit.record_request(request, "image.delete", target=target)

@@ -1,0 +1,180 @@
+"""POST /api/v1/images/: stream an image body straight into the vault writer.
+
+A raw ASGI app routed ahead of Django (portal/asgi.py), because Django's ASGI
+handler spools every request body to a temporary file first: for an image that
+would put plaintext on disk. Here each piece of the body is encrypted as it
+arrives; memory holds at most a few chunks; nothing is visible until the whole
+body has arrived, matched its declared length (and digest, when given), and been
+committed. Any failure or disconnect aborts the writer: no object, no row.
+"""
+import asyncio
+import json
+import logging
+import re
+import uuid
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+
+from portal import audit
+from portal.asgi_auth import authenticate_scope
+from portal.models import Outcome
+from vault import access, service
+
+log = logging.getLogger(__name__)
+UPLOAD_PATH = "/api/v1/images/"
+# Hand the encryptor pieces this large: fewer thread hops, still bounded memory.
+FEED_BYTES = 4 * 1024 * 1024
+
+
+class UploadError(Exception):
+    def __init__(self, status, error, detail):
+        super().__init__(detail)
+        self.status, self.error, self.detail = status, error, detail
+
+
+class ClientGone(Exception):
+    """The client disconnected mid-body; there is nobody to answer."""
+
+
+def route(fallback):
+    """Wrap the Django ASGI app so image uploads bypass its body spooling."""
+    async def app(scope, receive, send):
+        if (scope["type"] == "http" and scope["path"] == UPLOAD_PATH
+                and scope["method"] == "POST"):
+            return await handle_upload(scope, receive, send)
+        return await fallback(scope, receive, send)
+    return app
+
+
+async def handle_upload(scope, receive, send):
+    try:
+        request = await _authorise(scope)
+        metadata = parse_metadata(scope)
+        image = await _receive_into_vault(request, metadata, receive)
+    except UploadError as exc:
+        return await _respond(send, exc.status, {"error": exc.error, "detail": exc.detail})
+    except ClientGone:
+        return None
+    await _respond(send, 201, await sync_to_async(service.image_json)(image))
+
+
+async def _authorise(scope):
+    result = await sync_to_async(authenticate_scope)(scope)
+    if not result.ok:
+        await sync_to_async(access.refuse_anonymous)(result.django_request, "upload")
+        raise UploadError(result.status, result.error, result.detail)
+    request = result.request
+    if not await sync_to_async(access.can_upload)(request):
+        await sync_to_async(audit.record_request)(
+            request, "image.upload", target="vault", outcome=Outcome.DENIED,
+            details={"reason": "upload needs the admin role (and images:write for tokens)"})
+        raise UploadError(403, "permission_denied", "You may not upload images.")
+    return request
+
+
+def _headers(scope):
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+
+
+UUID_FIELDS = ("guest_uuid",)
+INT_FIELDS = ("memory_mib", "vcpus")
+TEXT_FIELDS = ("name", "guest_name", "source_host", "architecture", "virt_extensions", "sha256")
+
+
+def parse_metadata(scope) -> dict:
+    """Metadata from ``X-Berth-*`` headers (e.g. ``X-Berth-Guest-Name``)."""
+    headers = _headers(scope)
+    if headers.get("content-type", "").split(";")[0].strip() != "application/octet-stream":
+        raise UploadError(415, "unsupported_media_type",
+                          "Send the image as application/octet-stream.")
+    meta = {}
+    for field in UUID_FIELDS + INT_FIELDS + TEXT_FIELDS:
+        value = headers.get("x-berth-" + field.replace("_", "-"))
+        if value is not None:
+            meta[field] = _convert(field, value.strip())
+    if not meta.get("name"):
+        raise UploadError(400, "invalid", "X-Berth-Name is required.")
+    meta["declared_size"] = _declared_size(headers)
+    return meta
+
+
+def _convert(field, value):
+    try:
+        if field in UUID_FIELDS:
+            return str(uuid.UUID(value))
+        if field in INT_FIELDS:
+            number = int(value)
+            if not 0 < number < 2**31:
+                raise ValueError
+            return number
+    except ValueError:
+        raise UploadError(400, "invalid", f"X-Berth-{field} is not valid: {value!r}") from None
+    if field == "sha256" and not re.fullmatch(r"[0-9a-f]{64}", value.lower()):
+        raise UploadError(400, "invalid", "X-Berth-SHA256 must be 64 hex digits.")
+    if len(value) > 200:
+        raise UploadError(400, "invalid", f"X-Berth-{field} is longer than 200 characters.")
+    return value.lower() if field == "sha256" else value
+
+
+def _declared_size(headers):
+    raw = headers.get("content-length")
+    if raw is None:
+        return None
+    if not raw.isdigit():
+        raise UploadError(400, "invalid", "Content-Length is not a number.")
+    size = int(raw)
+    if size > settings.VAULT_MAX_IMAGE_BYTES:
+        raise UploadError(413, "too_large",
+                          f"Images are limited to {settings.VAULT_MAX_IMAGE_BYTES} bytes.")
+    return size
+
+
+async def _receive_into_vault(request, meta, receive):
+    sink = await asyncio.to_thread(service.ImageSink)
+    try:
+        await _pump(receive, sink, meta["declared_size"])
+        try:
+            stats = await asyncio.to_thread(sink.finish, meta.get("sha256"))
+        except service.DigestMismatch as exc:
+            raise UploadError(422, "digest_mismatch", str(exc)) from None
+        return await sync_to_async(service.register_image)(request, sink, stats, meta)
+    except BaseException:
+        await asyncio.to_thread(sink.abort)
+        raise
+
+
+async def _pump(receive, sink, declared):
+    buffered, received = [], 0
+    pending = 0
+    limit = settings.VAULT_MAX_IMAGE_BYTES
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone()
+        body = message.get("body", b"")
+        received += len(body)
+        if received > limit:
+            raise UploadError(413, "too_large", f"Images are limited to {limit} bytes.")
+        if declared is not None and received > declared:
+            raise UploadError(400, "length_mismatch", "The body is longer than Content-Length.")
+        if body:
+            buffered.append(body)
+            pending += len(body)
+        more = message.get("more_body", False)
+        if pending >= FEED_BYTES or (not more and pending):
+            await asyncio.to_thread(sink.write, b"".join(buffered))
+            buffered, pending = [], 0
+        if not more:
+            break
+    if declared is not None and received != declared:
+        raise UploadError(400, "length_mismatch",
+                          f"Body ended after {received} of {declared} bytes.")
+
+
+async def _respond(send, status, payload):
+    body = json.dumps(payload, default=str).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
