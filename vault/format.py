@@ -1,0 +1,731 @@
+"""The vault's image format, a chunked streaming AEAD. Byte-level spec: docs/vault-format.md.
+
+A 64-byte header, then length-prefixed chunk records, each sealed with the image's
+data key (DEK) under a STREAM nonce (prefix, counter, last flag) with the header as
+associated data. The DEK is wrapped by a versioned master key in a separate envelope.
+Django-free on purpose: the host agent and tools use it without the portal.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import numpy as np
+import zstandard
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+
+FORMAT_VERSION = 1
+ENVELOPE_VERSION = 1
+MAGIC = b"BERTHIMG"
+ENVELOPE_MAGIC = b"BERTHKEY"
+ALG_AES_256_GCM = 1
+ALG_CHACHA20_POLY1305 = 2
+ALGORITHMS = {ALG_AES_256_GCM: AESGCM, ALG_CHACHA20_POLY1305: ChaCha20Poly1305}
+FLAG_ZSTD = 0x0001  # header flags bit 0: chunks may be zstd-compressed
+CHUNK_ZSTD = 0x01  # chunk body flags bit 0: this chunk's page data is zstd-compressed
+
+PAGE_SIZE = 4096
+KEY_SIZE = 32
+TAG_SIZE = 16
+NONCE_PREFIX_SIZE = 7
+HEADER_SIZE = 64
+DEFAULT_CHUNK_SIZE = 1 << 20
+MIN_CHUNK_SIZE = 1 << 20  # smaller chunks only with allow_small_chunks=True (tests)
+MAX_CHUNK_SIZE = 64 << 20  # bounds what a reader ever allocates for one record
+MAX_CHUNKS = 1 << 32  # the counter is a u32
+ZSTD_LEVEL = 1  # writer choice, not part of the format: ~1.5x faster than 3, ~10% larger
+
+# magic, version, algorithm, flags, image id, chunk size, nonce prefix; then reserved, tag
+_HEADER = struct.Struct(">8sBBH16sI7s")
+_HEADER_TAG_AT = 48
+_RESERVED = bytes(_HEADER_TAG_AT - _HEADER.size)
+_NONCE_TAIL = struct.Struct(">IB")  # chunk counter, last-chunk flag
+_HEADER_TAG_FLAG = 0x02  # flag byte of the header tag's nonce; chunks use 0x00 / 0x01
+_BODY_HEAD = struct.Struct(">BI")  # chunk flags, plaintext length
+_LEN = struct.Struct(">I")
+# magic, version, key version, image id; then nonce and wrapped key
+_ENVELOPE = struct.Struct(">8sBI16s")
+ENVELOPE_SIZE = _ENVELOPE.size + 12 + KEY_SIZE + TAG_SIZE
+
+
+class FormatError(Exception):
+    """The bytes are not a valid, authentic Berth image (or envelope)."""
+
+
+class BadHeader(FormatError):
+    """The image header is malformed, or does not authenticate under the data key."""
+
+
+class BadEnvelope(FormatError):
+    """The key envelope is malformed."""
+
+
+class EnvelopeMismatch(BadEnvelope):
+    """The key envelope belongs to another image."""
+
+
+class WrongKey(FormatError):
+    """The master key does not unwrap the envelope (wrong key, or envelope/header altered)."""
+
+
+class TamperedChunk(FormatError):
+    """A chunk failed authentication: altered, reordered, duplicated or missing."""
+
+    def __init__(self, index: int, reason: str = "failed authentication"):
+        super().__init__(f"chunk {index} {reason} (altered, reordered, duplicated or "
+                         f"dropped chunk)")
+        self.index = index
+
+
+class TruncatedImage(FormatError):
+    """The image ends before its final chunk."""
+
+
+class TrailingData(FormatError):
+    """Bytes follow the image's final chunk."""
+
+
+@dataclass(frozen=True)
+class Header:
+    """The parsed fields of an image header; ``raw`` is the 64 bytes themselves."""
+
+    algorithm: int
+    flags: int
+    image_id: uuid.UUID
+    chunk_size: int
+    nonce_prefix: bytes
+    raw: bytes
+
+
+@dataclass(frozen=True)
+class ImageStats:
+    plaintext_size: int
+    stored_size: int  # header and all records: the size of the data file
+    sha256: str  # hex digest of the plaintext
+    zero_pages: int
+    chunks: int
+
+
+def generate_data_key() -> bytes:
+    return os.urandom(KEY_SIZE)
+
+
+def _uuid_bytes(image_id) -> bytes:
+    if isinstance(image_id, uuid.UUID):
+        return image_id.bytes
+    if isinstance(image_id, bytes | bytearray) and len(image_id) == 16:
+        return bytes(image_id)
+    return uuid.UUID(str(image_id)).bytes
+
+
+def _check_key(key: bytes, what: str) -> None:
+    # AESGCM would also take 16/24-byte keys; the format promises 256-bit keys.
+    if not isinstance(key, bytes | bytearray) or len(key) != KEY_SIZE:
+        raise ValueError(f"{what} must be {KEY_SIZE} bytes")
+
+
+def _check_chunk_size(chunk_size: int, *, allow_small: bool) -> None:
+    low = PAGE_SIZE if allow_small else MIN_CHUNK_SIZE
+    if not (isinstance(chunk_size, int) and low <= chunk_size <= MAX_CHUNK_SIZE
+            and chunk_size % PAGE_SIZE == 0):
+        hint = "" if allow_small else " (smaller only with allow_small_chunks=True, for tests)"
+        raise ValueError(f"chunk_size must be a multiple of {PAGE_SIZE} between {low} "
+                         f"and {MAX_CHUNK_SIZE}{hint}")
+
+
+def _header_tag_nonce(prefix: bytes) -> bytes:
+    return prefix + _NONCE_TAIL.pack(0, _HEADER_TAG_FLAG)
+
+
+# --- header ----------------------------------------------------------------------------------
+
+def parse_header(raw: bytes) -> Header:
+    """Check a header's structure (not its tag: that needs the data key) and parse it."""
+    raw = bytes(raw)
+    if len(raw) != HEADER_SIZE:
+        raise BadHeader(f"header must be {HEADER_SIZE} bytes, got {len(raw)}")
+    magic, version, alg, flags, image_id, chunk_size, prefix = _HEADER.unpack_from(raw)
+    if magic != MAGIC:
+        raise BadHeader("not a Berth image (bad magic)")
+    if version != FORMAT_VERSION:
+        raise BadHeader(f"unsupported format version {version}")
+    if alg not in ALGORITHMS:
+        raise BadHeader(f"unknown algorithm {alg}")
+    if flags & ~FLAG_ZSTD:
+        raise BadHeader(f"unknown header flags {flags:#06x}")
+    if raw[_HEADER.size:_HEADER_TAG_AT] != _RESERVED:
+        raise BadHeader("reserved header bytes are not zero")
+    try:
+        _check_chunk_size(chunk_size, allow_small=True)
+    except ValueError:
+        raise BadHeader(f"invalid chunk size {chunk_size}") from None
+    return Header(alg, flags, uuid.UUID(bytes=image_id), chunk_size, prefix, raw)
+
+
+def read_header(f: BinaryIO) -> bytes:
+    """Read and structurally check the header at the file's current position."""
+    raw = f.read(HEADER_SIZE)
+    if len(raw) < HEADER_SIZE:
+        raise TruncatedImage(f"image ends inside its header ({len(raw)} bytes)")
+    parse_header(raw)
+    return raw
+
+
+def _build_header(aead, algorithm: int, flags: int, image_id: bytes, chunk_size: int,
+                  prefix: bytes) -> bytes:
+    fields = _HEADER.pack(MAGIC, FORMAT_VERSION, algorithm, flags, image_id, chunk_size,
+                          prefix) + _RESERVED
+    # The tag lets a reader holding the DEK reject a swapped or altered header up
+    # front, instead of reporting it as a bad chunk 0.
+    return fields + aead.encrypt(_header_tag_nonce(prefix), b"", fields)
+
+
+# --- key envelope ----------------------------------------------------------------------------
+
+def _envelope_aad(prefix: bytes, header: bytes) -> bytes:
+    return prefix + hashlib.sha256(header).digest()
+
+
+def _parse_envelope(envelope: bytes) -> tuple[int, bytes]:
+    envelope = bytes(envelope)
+    if len(envelope) != ENVELOPE_SIZE:
+        raise BadEnvelope(f"key envelope must be {ENVELOPE_SIZE} bytes, got {len(envelope)}")
+    magic, version, key_version, image_id = _ENVELOPE.unpack_from(envelope)
+    if magic != ENVELOPE_MAGIC:
+        raise BadEnvelope("not a Berth key envelope (bad magic)")
+    if version != ENVELOPE_VERSION:
+        raise BadEnvelope(f"unsupported key envelope version {version}")
+    return key_version, image_id
+
+
+def wrap_data_key(kek: bytes, key_version: int, dek: bytes, header: bytes, *,
+                  _test_random: Callable[[int], bytes] | None = None) -> bytes:
+    """The key envelope: ``dek`` wrapped by master key ``kek`` and bound to ``header``.
+
+    ``_test_random`` replaces os.urandom for the published test vectors only; a
+    repeated nonce under one master key would be catastrophic.
+    """
+    _check_key(kek, "master key")
+    _check_key(dek, "data key")
+    if not 0 <= key_version < 1 << 32:
+        raise ValueError("key version must fit in a u32")
+    info = parse_header(header)
+    nonce = (_test_random or os.urandom)(12)
+    prefix = _ENVELOPE.pack(ENVELOPE_MAGIC, ENVELOPE_VERSION, key_version, info.image_id.bytes)
+    return prefix + nonce + AESGCM(bytes(kek)).encrypt(nonce, bytes(dek),
+                                                       _envelope_aad(prefix, info.raw))
+
+
+def unwrap_data_key(kek_lookup: Callable[[int], bytes], envelope: bytes, header: bytes) -> bytes:
+    """The data key from ``envelope``, using ``kek_lookup(key_version)`` for the master key.
+
+    Exceptions of ``kek_lookup`` (an unknown key version) propagate unchanged.
+    """
+    key_version, image_id = _parse_envelope(envelope)
+    info = parse_header(header)
+    if image_id != info.image_id.bytes:
+        raise EnvelopeMismatch(f"key envelope is for image {uuid.UUID(bytes=image_id)}, "
+                               f"not {info.image_id}")
+    kek = kek_lookup(key_version)
+    if not isinstance(kek, bytes | bytearray) or len(kek) != KEY_SIZE:
+        raise WrongKey(f"master key version {key_version} is not a {KEY_SIZE}-byte key")
+    prefix, nonce = envelope[:_ENVELOPE.size], envelope[_ENVELOPE.size:_ENVELOPE.size + 12]
+    try:
+        return AESGCM(bytes(kek)).decrypt(bytes(nonce), bytes(envelope[_ENVELOPE.size + 12:]),
+                                          _envelope_aad(bytes(prefix), info.raw))
+    except InvalidTag:
+        raise WrongKey(f"cannot unwrap the data key with master key version {key_version}: "
+                       "wrong master key, or the envelope or image header was altered") from None
+
+
+def envelope_key_version(envelope: bytes) -> int:
+    """The master key version an envelope is wrapped with (no key needed)."""
+    return _parse_envelope(envelope)[0]
+
+
+# --- chunk bodies ----------------------------------------------------------------------------
+
+def _encode_body(chunk, cctx) -> tuple[bytes | bytearray, int]:
+    """Chunk plaintext -> (body, zero pages): flags, length, zero-page bitmap, page data."""
+    n = len(chunk)
+    full, tail = divmod(n, PAGE_SIZE)
+    data = np.frombuffer(chunk, np.uint8)
+    pages = data[:full * PAGE_SIZE].reshape(full, PAGE_SIZE)
+    # u64 lanes make the all-zero test ~2x faster than byte lanes.
+    keep = pages.view(np.uint64).any(axis=1)
+    if tail:
+        keep = np.append(keep, data[full * PAGE_SIZE:].any())
+    zero_pages = len(keep) - int(np.count_nonzero(keep))
+    bitmap = np.packbits(~keep).tobytes()
+    head = _BODY_HEAD.size + len(bitmap)
+    keep_full = keep[:full]
+    kept = int(np.count_nonzero(keep_full))
+    tail_len = tail if tail and keep[-1] else 0
+    body = bytearray(head + kept * PAGE_SIZE + tail_len)
+    _BODY_HEAD.pack_into(body, 0, 0, n)
+    body[_BODY_HEAD.size:head] = bitmap
+    if zero_pages == 0:
+        body[head:] = chunk
+    elif kept or tail_len:
+        out = np.frombuffer(body, np.uint8)
+        # Gather the non-zero pages straight into the body: no intermediate copy.
+        np.compress(keep_full, pages, axis=0,
+                    out=out[head:head + kept * PAGE_SIZE].reshape(kept, PAGE_SIZE))
+        if tail_len:
+            out[head + kept * PAGE_SIZE:] = data[full * PAGE_SIZE:]
+        del out
+    if cctx is not None and len(body) > head:
+        packed = cctx.compress(memoryview(body)[head:])
+        if len(packed) < len(body) - head:
+            body = b"".join((_BODY_HEAD.pack(CHUNK_ZSTD, n), bitmap, packed))
+    return body, zero_pages
+
+
+def _decode_body(body: bytes, index: int, final: bool, info: Header,
+                 dctx) -> tuple[bytes, int]:
+    """Authenticated body -> (plaintext, zero pages). Checks bind a buggy writer too."""
+    def bad(reason):
+        return TamperedChunk(index, f"is malformed: {reason}")
+
+    if len(body) < _BODY_HEAD.size:
+        raise bad("short body")
+    flags, n = _BODY_HEAD.unpack_from(body)
+    if flags & ~CHUNK_ZSTD or (flags & CHUNK_ZSTD and not info.flags & FLAG_ZSTD):
+        raise bad(f"unexpected flags {flags:#04x}")
+    if n > info.chunk_size or (not final and n != info.chunk_size):
+        raise bad(f"plaintext length {n}")
+    full, tail = divmod(n, PAGE_SIZE)
+    npages = full + (1 if tail else 0)
+    head = _BODY_HEAD.size + (npages + 7) // 8
+    if len(body) < head:
+        raise bad("short bitmap")
+    bits = np.unpackbits(np.frombuffer(body, np.uint8, head - _BODY_HEAD.size, _BODY_HEAD.size))
+    if bits[npages:].any():
+        raise bad("bitmap padding bits set")
+    keep = bits[:npages] == 0
+    kept = int(np.count_nonzero(keep[:full]))
+    tail_len = tail if tail and keep[-1] else 0
+    expected = kept * PAGE_SIZE + tail_len
+    data = memoryview(body)[head:]
+    if flags & CHUNK_ZSTD:
+        data = _decompress(dctx, data, expected, bad)
+    if len(data) != expected:
+        raise bad(f"{len(data)} bytes of page data, expected {expected}")
+    zero_pages = npages - kept - (1 if tail_len else 0)
+    if zero_pages == 0:
+        return bytes(data), 0
+    if expected == 0:
+        return bytes(n), zero_pages
+    plain = bytearray(n)  # zero-filled: the omitted pages are already in place
+    out = np.frombuffer(plain, np.uint8)
+    out[:full * PAGE_SIZE].reshape(full, PAGE_SIZE)[keep[:full]] = (
+        np.frombuffer(data, np.uint8, kept * PAGE_SIZE).reshape(kept, PAGE_SIZE))
+    if tail_len:
+        out[full * PAGE_SIZE:] = np.frombuffer(data, np.uint8, tail_len, kept * PAGE_SIZE)
+    del out
+    return bytes(plain), zero_pages
+
+
+def _decompress(dctx, data, expected: int, bad):
+    # The writer always records the content size; checking it first means a
+    # bogus frame can never make us allocate more than one chunk.
+    try:
+        if zstandard.frame_content_size(data) != expected:
+            raise bad("zstd frame size differs from the bitmap")
+        return dctx.decompress(data)
+    except zstandard.ZstdError as exc:
+        raise bad(f"zstd: {exc}") from None
+
+
+# --- sealing and opening chunks --------------------------------------------------------------
+
+class _Cipher:
+    """One image's AEAD: STREAM nonces, the header as associated data."""
+
+    def __init__(self, info: Header, dek: bytes):
+        _check_key(dek, "data key")
+        self.info = info
+        self.aead = ALGORITHMS[info.algorithm](bytes(dek))
+        self.dctx = zstandard.ZstdDecompressor()
+
+    def nonce(self, index: int, final: bool) -> bytes:
+        return self.info.nonce_prefix + _NONCE_TAIL.pack(index, 1 if final else 0)
+
+    def check_header_tag(self) -> None:
+        raw = self.info.raw
+        try:
+            self.aead.decrypt(_header_tag_nonce(self.info.nonce_prefix),
+                              raw[_HEADER_TAG_AT:], raw[:_HEADER_TAG_AT])
+        except InvalidTag:
+            raise BadHeader("header does not authenticate under this data key (altered, "
+                            "swapped from another image, or wrong data key)") from None
+
+    def open(self, index: int, ct, final: bool) -> tuple[bytes, int]:
+        """Authenticate and decode chunk ``index``; ``final``: nothing follows it."""
+        if index >= MAX_CHUNKS:
+            raise TrailingData(f"more than {MAX_CHUNKS} chunks")
+        try:
+            body = self.aead.decrypt(self.nonce(index, final), ct, self.info.raw)
+        except InvalidTag:
+            raise self._diagnose(index, ct, final) from None
+        return _decode_body(body, index, final, self.info, self.dctx)
+
+    def _diagnose(self, index: int, ct, final: bool) -> FormatError:
+        # Authentic with the other last-flag: the stream was cut right after a
+        # non-final chunk, or goes on after the final one. Its plaintext is not
+        # released either way.
+        try:
+            self.aead.decrypt(self.nonce(index, not final), ct, self.info.raw)
+        except InvalidTag:
+            return TamperedChunk(index)
+        if final:
+            return TruncatedImage(f"image ends after chunk {index}, which is not the final "
+                                  "chunk (truncated at a record boundary)")
+        return TrailingData(f"data follows the final chunk {index}")
+
+
+def _record_length(index: int, prefix: bytes, chunk_size: int) -> int:
+    (n,) = _LEN.unpack(prefix)
+    # Never allocate on an unchecked length: no valid record is outside these bounds.
+    longest = _BODY_HEAD.size + (chunk_size // PAGE_SIZE + 7) // 8 + chunk_size + TAG_SIZE
+    if not _BODY_HEAD.size + TAG_SIZE <= n <= longest:
+        raise TamperedChunk(index, f"has an impossible record length {n}")
+    return n
+
+
+class _Digest:
+    """Running plaintext statistics shared by writers and readers."""
+
+    def __init__(self):
+        self.sha = hashlib.sha256()
+        self.plaintext = self.zero_pages = self.chunks = 0
+        self.stored = HEADER_SIZE
+
+    def add(self, plain, stored: int, zero_pages: int) -> None:
+        self.sha.update(plain)
+        self.plaintext += len(plain)
+        self.stored += stored
+        self.zero_pages += zero_pages
+        self.chunks += 1
+
+    def stats(self) -> ImageStats:
+        return ImageStats(self.plaintext, self.stored, self.sha.hexdigest(), self.zero_pages,
+                          self.chunks)
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+class ChunkEncoder:
+    """Push-style encoder: plaintext pieces in, records (bytes to store or send) out.
+
+    ``header`` must be stored/sent first; ``feed`` and ``finish`` return only
+    records. Memory: one chunk of buffered plaintext plus the record being built.
+    ``_test_random`` replaces os.urandom for the published test vectors only.
+    """
+
+    def __init__(self, dek: bytes, image_id, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 algorithm: int = ALG_AES_256_GCM, compress: bool = True,
+                 allow_small_chunks: bool = False,
+                 _test_random: Callable[[int], bytes] | None = None):
+        _check_key(dek, "data key")
+        _check_chunk_size(chunk_size, allow_small=allow_small_chunks)
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {algorithm}")
+        prefix = (_test_random or os.urandom)(NONCE_PREFIX_SIZE)
+        aead = ALGORITHMS[algorithm](bytes(dek))
+        self.header = _build_header(aead, algorithm, FLAG_ZSTD if compress else 0,
+                                    _uuid_bytes(image_id), chunk_size, prefix)
+        self._cipher = _Cipher(parse_header(self.header), dek)
+        self._cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL) if compress else None
+        self._buf = bytearray(chunk_size)
+        self._fill = 0
+        self._index = 0
+        self._digest = _Digest()
+        self.chunk_size = chunk_size
+        self.stats: ImageStats | None = None  # set by finish()
+
+    def feed(self, data) -> list[bytes]:
+        """Buffer ``data``; return the records of every chunk it completed."""
+        if self.stats is not None:
+            raise ValueError("encoder already finished")
+        view = memoryview(data).cast("B")
+        size, records = self.chunk_size, []
+        if self._fill:
+            take = min(size - self._fill, len(view))
+            self._buf[self._fill:self._fill + take] = view[:take]
+            self._fill += take
+            view = view[take:]
+            if self._fill == size:
+                records.append(self._seal(self._buf, final=False))
+                self._fill = 0
+        while len(view) >= size:  # whole chunks straight from the caller's buffer
+            records.append(self._seal(view[:size], final=False))
+            view = view[size:]
+        if len(view):
+            self._buf[:len(view)] = view
+            self._fill = len(view)
+        return records
+
+    def finish(self) -> list[bytes]:
+        """Seal the final chunk (0 .. chunk_size-1 bytes) and set ``stats``."""
+        if self.stats is not None:
+            raise ValueError("encoder already finished")
+        record = self._seal(memoryview(self._buf)[:self._fill], final=True)
+        self._buf = bytearray()
+        self.stats = self._digest.stats()
+        return [record]
+
+    def _seal(self, chunk, final: bool) -> bytes:
+        # The final chunk needs its own counter value, so a non-final chunk may
+        # not take the last one.
+        if self._index >= MAX_CHUNKS - (0 if final else 1):
+            raise OverflowError("image too large: chunk counter exhausted")
+        body, zero_pages = _encode_body(chunk, self._cctx)
+        ct = self._cipher.aead.encrypt(self._cipher.nonce(self._index, final), body, self.header)
+        self._index += 1
+        self._digest.add(chunk, _LEN.size + len(ct), zero_pages)
+        return _LEN.pack(len(ct)) + ct
+
+
+class ImageWriter:
+    """Writes a whole image (header, then records) to a binary file object.
+
+    Used as a context manager, an exception inside the block leaves the image
+    without its final chunk, so it can never be read as complete.
+    """
+
+    def __init__(self, out: BinaryIO, dek: bytes, image_id, **options):
+        self._out = out
+        self._encoder = ChunkEncoder(dek, image_id, **options)
+        self.header = self._encoder.header
+        out.write(self.header)
+
+    def write(self, data) -> None:
+        for record in self._encoder.feed(data):
+            self._out.write(record)
+
+    def close(self) -> ImageStats:
+        if self._encoder.stats is None:
+            for record in self._encoder.finish():
+                self._out.write(record)
+        return self._encoder.stats
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+class ImageReader:
+    """Reads an image from a seekable binary file positioned at its header.
+
+    Every chunk is authenticated before any of its plaintext is returned. Each
+    read seeks first, so the generators may be interleaved.
+    """
+
+    def __init__(self, f: BinaryIO, dek: bytes):
+        self._f, self._base = f, f.tell()
+        self.header = read_header(f)
+        self.info = parse_header(self.header)
+        self._cipher = _Cipher(self.info, dek)
+        self._cipher.check_header_tag()
+        self._offsets: list[int] | None = None
+        self._size = 0
+
+    def _read_at(self, pos: int, n: int) -> bytes:
+        self._f.seek(pos)
+        return self._f.read(n)
+
+    def _record_at(self, pos: int, index: int) -> bytes:
+        prefix = self._read_at(pos, _LEN.size)
+        if len(prefix) < _LEN.size:
+            raise TruncatedImage(f"image ends before chunk {index}")
+        n = _record_length(index, prefix, self.info.chunk_size)
+        ct = self._read_at(pos + _LEN.size, n)
+        if len(ct) < n:
+            raise TruncatedImage(f"image ends inside chunk {index}")
+        return ct
+
+    def _opened(self) -> Iterator[tuple[bytes, int, int]]:
+        """(plaintext, stored bytes, zero pages) per chunk, in order, authenticated."""
+        pos = self._base + HEADER_SIZE
+        for index in range(MAX_CHUNKS + 1):
+            ct = self._record_at(pos, index)
+            pos += _LEN.size + len(ct)
+            # Whether anything follows decides which last-flag the chunk must carry.
+            last = not self._read_at(pos, 1)
+            plain, zero_pages = self._cipher.open(index, ct, last)
+            yield plain, _LEN.size + len(ct), zero_pages
+            if last:
+                return
+
+    def iter_chunks(self) -> Iterator[bytes]:
+        """Each chunk's plaintext in order, each authenticated before it is yielded."""
+        for plain, _, _ in self._opened():
+            yield plain
+
+    def verify(self) -> ImageStats:
+        """Authenticate the whole image without keeping plaintext."""
+        digest = _Digest()
+        for plain, stored, zero_pages in self._opened():
+            digest.add(plain, stored, zero_pages)
+        return digest.stats()
+
+    def _index(self) -> list[int]:
+        """Record offsets from the length prefixes alone, then the final chunk proven."""
+        if self._offsets is None:
+            end = self._f.seek(0, os.SEEK_END)
+            pos, offsets = self._base + HEADER_SIZE, []
+            while not offsets or pos < end:
+                if len(offsets) >= MAX_CHUNKS:
+                    raise TrailingData(f"more than {MAX_CHUNKS} chunks")
+                offsets.append(pos)
+                prefix = self._read_at(pos, _LEN.size)
+                if len(prefix) < _LEN.size:
+                    raise TruncatedImage(f"image ends before chunk {len(offsets) - 1}")
+                pos += _LEN.size + _record_length(len(offsets) - 1, prefix,
+                                                  self.info.chunk_size)
+            if pos > end:
+                raise TruncatedImage(f"image ends inside chunk {len(offsets) - 1}")
+            # Lengths are not authenticated, the final chunk is: if it opens as the
+            # final chunk at this index, the image has exactly this many chunks.
+            last = self._open_at(offsets, len(offsets) - 1)
+            self._size = (len(offsets) - 1) * self.info.chunk_size + len(last)
+            self._offsets = offsets
+        return self._offsets
+
+    def _open_at(self, offsets: list[int], index: int) -> bytes:
+        ct = self._record_at(offsets[index], index)
+        return self._cipher.open(index, ct, index == len(offsets) - 1)[0]
+
+    @property
+    def chunk_count(self) -> int:
+        return len(self._index())
+
+    @property
+    def plaintext_size(self) -> int:
+        self._index()
+        return self._size
+
+    def read_chunk(self, index: int) -> bytes:
+        """Chunk ``index``'s plaintext, authenticated, without reading the others."""
+        offsets = self._index()
+        if not 0 <= index < len(offsets):
+            raise IndexError(f"chunk {index} out of range 0..{len(offsets) - 1}")
+        return self._open_at(offsets, index)
+
+    def iter_range(self, start: int, end: int) -> Iterator[bytes]:
+        """Verified plaintext of bytes [start, end), decrypting only the chunks it spans."""
+        size, chunk_size = self.plaintext_size, self.info.chunk_size
+        if not 0 <= start <= end <= size:
+            raise ValueError(f"range {start}..{end} outside 0..{size}")
+        index = start // chunk_size
+        while start < end:
+            plain = self.read_chunk(index)
+            lo, hi = start - index * chunk_size, min(end - index * chunk_size, len(plain))
+            yield plain if lo == 0 and hi == len(plain) else plain[lo:hi]
+            start, index = index * chunk_size + hi, index + 1
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class ChunkDecoder:
+    """Push-style decoder for a stream (header first, unless ``header`` is given).
+
+    ``feed`` returns the plaintext of each chunk authenticated so far (a call that
+    raises returns nothing). A complete record is held back until more bytes or
+    ``finish()`` tell whether it is the final one, so memory stays near two
+    chunks plus the piece fed. After an error the decoder refuses all input.
+    """
+
+    def __init__(self, dek: bytes, *, header: bytes | None = None):
+        self._dek = bytes(dek)
+        _check_key(self._dek, "data key")
+        self._cipher: _Cipher | None = None
+        self._buf = bytearray()
+        self._pending: bytes | None = None
+        self._index = 0
+        self._digest = _Digest()
+        self._failed: FormatError | None = None
+        self.stats: ImageStats | None = None  # set by finish()
+        if header is not None:
+            self._start(bytes(header))
+
+    @property
+    def header(self) -> bytes | None:
+        return self._cipher.info.raw if self._cipher else None
+
+    def _start(self, raw: bytes) -> None:
+        cipher = _Cipher(parse_header(raw), self._dek)
+        cipher.check_header_tag()
+        self._cipher = cipher
+
+    def feed(self, data) -> list[bytes]:
+        if self.stats is not None and len(data):
+            raise TrailingData("data after the end of the image")
+        return self._guard(self._feed, data)
+
+    def finish(self) -> list[bytes]:
+        """Open the held-back record as the final chunk; the stream must end there."""
+        return [] if self.stats is not None else self._guard(self._finish)
+
+    def _guard(self, step, *args) -> list[bytes]:
+        if self._failed is not None:
+            raise FormatError(f"decoder already failed: {self._failed}")
+        try:
+            return step(*args)
+        except FormatError as exc:
+            self._failed = exc
+            raise
+
+    def _feed(self, data) -> list[bytes]:
+        self._buf += data
+        if self._cipher is None:
+            if len(self._buf) < HEADER_SIZE:
+                return []
+            self._start(bytes(self._buf[:HEADER_SIZE]))
+            del self._buf[:HEADER_SIZE]
+        out = []
+        while True:
+            if self._pending is not None and self._buf:
+                out.append(self._open(final=False))  # more bytes follow it: not final
+            if len(self._buf) < _LEN.size:
+                return out
+            n = _record_length(self._index, bytes(self._buf[:_LEN.size]),
+                               self._cipher.info.chunk_size)
+            if len(self._buf) < _LEN.size + n:
+                return out
+            self._pending = bytes(self._buf[_LEN.size:_LEN.size + n])
+            del self._buf[:_LEN.size + n]
+
+    def _finish(self) -> list[bytes]:
+        if self._cipher is None or self._buf or self._pending is None:
+            raise TruncatedImage(f"stream ended before the final chunk ({self._index} "
+                                 "chunks authenticated)")
+        out = [self._open(final=True)]
+        self.stats = self._digest.stats()
+        return out
+
+    def _open(self, final: bool) -> bytes:
+        ct, self._pending = self._pending, None
+        plain, zero_pages = self._cipher.open(self._index, ct, final)
+        self._index += 1
+        self._digest.add(plain, _LEN.size + len(ct), zero_pages)
+        return plain
