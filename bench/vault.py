@@ -150,6 +150,55 @@ def peak_rss_mib(pid):
     return None
 
 
+DRAIN_APP = """
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    received, more = 0, True
+    while more:
+        message = await receive()
+        received += len(message.get("body", b""))
+        more = message.get("more_body", False)
+    body = b'{"id": "drain", "stored_size": %d}' % received
+    await send({"type": "http.response.start", "status": 201,
+                "headers": [(b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+"""
+
+
+def bare_uvicorn_upload(path, work):
+    """The transport ceiling: the same upload into an ASGI app that only drains the body."""
+    from tests.support.server import free_port
+
+    (work / "drain_app.py").write_text(DRAIN_APP)
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "uvicorn", "drain_app:app", "--port",
+                                str(port), "--log-level", "warning"], cwd=work)
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port)).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        _, elapsed = upload(port, "none", path)
+        return path.stat().st_size / elapsed / 1e6
+    finally:
+        process.terminate()
+        process.wait()
+
+
+def reset_peak_rss(pid):
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+def current_rss_mib(pid):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return None
+
+
 def raw_aes_gcm(path):
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -194,6 +243,9 @@ def main():
             out = manage("tokens", "issue", "admin", "--scope", "images:write", "--scope",
                          "images:download", env=server.env).stdout
             token = out.split("token: ")[1].split()[0]
+            idle_rss = current_rss_mib(server.process.pid)
+            # Start-up peaks (an Argon2 hash takes ~100 MiB) are not streaming memory.
+            reset_peak_rss(server.process.pid)
             record, up_s = upload(server.port, token, image)
             got_sha, down_s = download(server.port, token, record["id"])
             assert got_sha == sha, "downloaded image differs"
@@ -215,6 +267,8 @@ def main():
             "stored_bytes": record["stored_size"],
             "stored_ratio": record["stored_size"] / size,
             "server_peak_rss_mib": rss,
+            "server_idle_rss_mib": idle_rss,
+            "bare_uvicorn_upload_mb_s": bare_uvicorn_upload(image, work),
             "big_run": big,
             "raw_aes_gcm_mb_s": raw_aes_gcm(image),
             "restic": restic(image, work),

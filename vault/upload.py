@@ -24,7 +24,7 @@ from vault import access, service
 log = logging.getLogger(__name__)
 UPLOAD_PATH = "/api/v1/images/"
 # Hand the encryptor pieces this large: fewer thread hops, still bounded memory.
-FEED_BYTES = 4 * 1024 * 1024
+FEED_BYTES = 1024 * 1024
 
 
 class UploadError(Exception):
@@ -145,28 +145,40 @@ async def _receive_into_vault(request, meta, receive):
 
 
 async def _pump(receive, sink, declared):
-    buffered, received = [], 0
-    pending = 0
+    """Receive the body, handing the encryptor 4 MiB at a time.
+
+    Double-buffered: while a worker thread encrypts one piece, the event loop
+    receives the next, so network and crypto overlap on two cores.
+    """
+    buffered, pending, received = [], 0, 0
+    encrypting = None
     limit = settings.VAULT_MAX_IMAGE_BYTES
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone()
-        body = message.get("body", b"")
-        received += len(body)
-        if received > limit:
-            raise UploadError(413, "too_large", f"Images are limited to {limit} bytes.")
-        if declared is not None and received > declared:
-            raise UploadError(400, "length_mismatch", "The body is longer than Content-Length.")
-        if body:
-            buffered.append(body)
-            pending += len(body)
-        more = message.get("more_body", False)
-        if pending >= FEED_BYTES or (not more and pending):
-            await asyncio.to_thread(sink.write, b"".join(buffered))
-            buffered, pending = [], 0
-        if not more:
-            break
+    try:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone()
+            body = message.get("body", b"")
+            received += len(body)
+            if received > limit:
+                raise UploadError(413, "too_large", f"Images are limited to {limit} bytes.")
+            if declared is not None and received > declared:
+                raise UploadError(400, "length_mismatch", "The body is longer than Content-Length.")
+            if body:
+                buffered.append(body)
+                pending += len(body)
+            more = message.get("more_body", False)
+            if pending >= FEED_BYTES or (not more and pending):
+                if encrypting:
+                    await encrypting
+                piece = b"".join(buffered)
+                encrypting = asyncio.ensure_future(asyncio.to_thread(sink.write, piece))
+                buffered, pending = [], 0
+            if not more:
+                break
+    finally:
+        if encrypting:
+            await encrypting
     if declared is not None and received != declared:
         raise UploadError(400, "length_mismatch",
                           f"Body ended after {received} of {declared} bytes.")
