@@ -4,4 +4,9 @@ from migrator import views
 
 urlpatterns = [
     path("", views.job_list, name="jobs"),
+    path("<uuid:pk>/", views.job_detail, name="job"),
+    path("<uuid:pk>/abort", views.job_abort, name="job-abort"),
+    path("guests/<uuid:uuid>/", views.guest_detail, name="guest"),
+    path("guests/<uuid:uuid>/save", views.guest_save, name="guest-save"),
+    path("restore/<uuid:pk>", views.image_restore, name="image-restore"),
 ]

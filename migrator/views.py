@@ -1,9 +1,74 @@
-"""Jobs pages."""
-from django.shortcuts import render
+"""Pages: hosts and guests on the dashboard, jobs, a guest, save and restore buttons."""
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_POST
 
+from migrator import access, inventory, orchestrate
+from migrator.models import Guest, Host
 from portal.roles import reader_required
+from vault import access as vault_access
+from vault.models import SavedImage
+
+
+def dashboard_context(request):
+    inventory.expire_stale_jobs()
+    hosts = Host.objects.prefetch_related("guests")
+    return {"hosts": hosts, "jobs": access.visible_jobs(request)[:10],
+            "can_save": access.can_operate(request, "save")}
+
+
+@login_required
+def job_list(request):
+    inventory.expire_stale_jobs()
+    return render(request, "migrator/jobs.html", {"jobs": access.visible_jobs(request)[:200]})
+
+
+@login_required
+def job_detail(request, pk):
+    inventory.expire_stale_jobs()
+    job = get_object_or_404(access.visible_jobs(request), pk=pk)
+    return render(request, "migrator/job.html", {
+        "job": job, "can_abort": access.can_operate(request, "abort") and not job.is_final})
 
 
 @reader_required
-def job_list(request):
-    return render(request, "migrator/jobs.html", {"jobs": []})
+def guest_detail(request, uuid):
+    guest = get_object_or_404(Guest.objects.select_related("host"), uuid=uuid)
+    return render(request, "migrator/guest.html", {
+        "guest": guest, "history": guest.domain_ids.all()[:50],
+        "can_save": access.can_operate(request, "save")})
+
+
+def _run(request, operation, *args):
+    try:
+        return operation(request, *args)
+    except orchestrate.OperationError as exc:
+        messages.error(request, exc.detail)
+    except vault_access.ImageAccessDenied as exc:
+        messages.error(request, str(exc))
+    return None
+
+
+@login_required
+@require_POST
+def guest_save(request, uuid):
+    job = _run(request, orchestrate.request_save, uuid)
+    return redirect("job", pk=job.id) if job else redirect("dashboard")
+
+
+@login_required
+@require_POST
+def image_restore(request, pk):
+    image = get_object_or_404(SavedImage, pk=pk)
+    job = _run(request, orchestrate.request_restore, image, request.POST.get("host", ""))
+    return redirect("job", pk=job.id) if job else redirect("vault-image", pk=pk)
+
+
+@login_required
+@require_POST
+def job_abort(request, pk):
+    job = get_object_or_404(access.visible_jobs(request), pk=pk)
+    if _run(request, orchestrate.request_abort, job):
+        messages.success(request, "Abort requested.")
+    return redirect("job", pk=pk)

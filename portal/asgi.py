@@ -1,4 +1,4 @@
-"""ASGI entry point: HTTP to Django, WebSockets through origin checks and sessions.
+"""ASGI entry point: HTTP to Django, WebSockets to the consumers (portal/routing.py).
 
 The image upload is routed ahead of Django (vault.upload), because Django's
 ASGI handler spools whole request bodies to a temporary file.
@@ -11,11 +11,9 @@ from django.core.asgi import get_asgi_application  # noqa: E402
 
 django_application = get_asgi_application()
 
-from channels.auth import AuthMiddlewareStack  # noqa: E402
-from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+from channels.routing import ProtocolTypeRouter  # noqa: E402
 
-from portal.routing import websocket_urlpatterns  # noqa: E402
+from portal.routing import websocket_application  # noqa: E402
 from portal.startup import run_startup_housekeeping  # noqa: E402
 from vault import upload  # noqa: E402
 
@@ -24,5 +22,5 @@ run_startup_housekeeping()
 application = ProtocolTypeRouter({
     # Image uploads stream into the vault before Django could spool them to disk.
     "http": upload.route(django_application),
-    "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+    "websocket": websocket_application,
 })

@@ -184,6 +184,8 @@ REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "portal.authentication.ScopedTokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
+        # Host agents stream one job's image with a single-use credential.
+        "migrator.credentials.JobCredentialAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
@@ -207,6 +209,14 @@ VAULT_ADMINS_HOLD_ALL = env_bool("VAULT_ADMINS_HOLD_ALL", True)
 # Seconds an unreferenced object must have existed before start-up cleanup
 # removes it: another portal process may be committing it right now.
 VAULT_ORPHAN_GRACE_SECONDS = env_int("VAULT_ORPHAN_GRACE_SECONDS", 3600)
+
+# --- hosts and jobs -------------------------------------------------------------
+PKI_DIR = Path(env("PKI_DIR", DATA_DIR / "pki")).resolve()
+AGENTS_DIR = Path(env("AGENTS_DIR", DATA_DIR / "agents")).resolve()
+# The URL agents use to reach this portal (written into their config bundles).
+PORTAL_URL = env("PORTAL_URL", "http://127.0.0.1:8000")
+# A running job whose agent has been silent this long is failed, with the reason.
+JOB_AGENT_TIMEOUT_SECONDS = env_int("JOB_AGENT_TIMEOUT_SECONDS", 60)
 
 # --- static files -------------------------------------------------------------
 STATIC_URL = "static/"

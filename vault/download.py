@@ -15,7 +15,7 @@ from django.http import Http404, JsonResponse, StreamingHttpResponse
 from portal import audit
 from portal.asgi_auth import authenticate_request
 from portal.models import Outcome
-from vault import access, service
+from vault import access, service, signals
 from vault import format as vformat
 from vault.models import SavedImage
 
@@ -81,6 +81,8 @@ async def image_content(request, pk):
     await sync_to_async(audit.record_request)(
         drf_request, "image.download", target=image.target,
         details={"range": [start, end] if span else None})
+    await sync_to_async(signals.image_download_started.send)(
+        SavedImage, image=image, request=drf_request)
     reader = await asyncio.to_thread(service.open_reader, image)
     response = StreamingHttpResponse(_stream(reader, image, drf_request, start, end),
                                      content_type="application/octet-stream",

@@ -19,6 +19,7 @@ from portal import audit
 from portal.models import Outcome
 from vault import format as vformat
 from vault import keys as vkeys
+from vault import signals
 from vault.access import ACTIONS, PERMISSIONS
 from vault.models import SavedImage
 from vault.storage import LocalStorage
@@ -123,6 +124,7 @@ def register_image(request, sink, stats, meta):
             audit.record_request(request, "image.upload", target=image.target,
                                  details={"name": image.name, "size": image.plaintext_size,
                                           "stored": image.stored_size})
+            signals.image_stored.send(SavedImage, image=image, request=request)
     except BaseException:
         storage().shred(str(sink.image_id))
         raise

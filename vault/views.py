@@ -38,7 +38,14 @@ def image_detail(request, pk):
     return render(request, "vault/detail.html", {
         "image": image, "grants": grants.list_grants(image), "history": history,
         "can": {action: access.can(request, action, image) for action in access.ACTIONS},
-        "can_grant": access.can_grant(request), "actions": access.ACTIONS})
+        "can_grant": access.can_grant(request), "actions": access.ACTIONS,
+        "restore_hosts": _restore_hosts() if access.can(request, "restore", image) else []})
+
+
+def _restore_hosts():
+    from migrator.models import Host  # the page offers the hosts; the vault does not depend
+
+    return Host.objects.filter(revoked_at__isnull=True).order_by("name")
 
 
 @image_login_required("grant")

@@ -6,4 +6,5 @@ from portal.api.audit import AuditList
 urlpatterns = [
     path("audit/", AuditList.as_view(), name="api-audit"),
     path("", include("vault.api_urls")),
+    path("", include("migrator.api_urls")),
 ]

@@ -31,9 +31,15 @@ def test_auditors_reach_reader_pages(auditor_client, path):
     assert auditor_client.get(path).status_code == 200
 
 
-@pytest.mark.parametrize("path", ["/audit/", "/people/", "/jobs/"])
+@pytest.mark.parametrize("path", ["/audit/", "/people/"])
 def test_users_without_a_role_are_refused(outsider_client, path):
     assert outsider_client.get(path).status_code == 403
+
+
+def test_users_without_a_role_see_only_their_own_jobs(outsider_client):
+    response = outsider_client.get("/jobs/")
+    assert response.status_code == 200
+    assert list(response.context["jobs"]) == []
 
 
 def test_users_without_a_role_see_only_granted_images(outsider_client):

@@ -1,0 +1,102 @@
+"""/api/v1/ hosts, guests and jobs."""
+from django.shortcuts import get_object_or_404
+from rest_framework import generics, status
+from rest_framework.exceptions import APIException, PermissionDenied
+from rest_framework.permissions import BasePermission
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from migrator import access, inventory, orchestrate, progress
+from migrator.models import Guest, Host
+from migrator.serializers import GuestSerializer, HostSerializer, RestoreRequestSerializer
+from vault import access as vault_access
+from vault.api import authorised_image
+
+
+class Refused(APIException):
+    """An OperationError as an API response with its status and reason."""
+
+    def __init__(self, error):
+        super().__init__(detail=error.detail, code=error.code)
+        self.status_code = error.status
+        self.default_code = error.code
+
+
+def run(operation, *args, **kwargs):
+    try:
+        return operation(*args, **kwargs)
+    except orchestrate.OperationError as exc:
+        raise Refused(exc) from None
+    except vault_access.ImageAccessDenied as exc:
+        raise PermissionDenied(str(exc)) from None
+
+
+def job_response(job, code=status.HTTP_200_OK):
+    return Response(progress.snapshot(job), status=code)
+
+
+class InventoryPermission(BasePermission):
+    """Hosts and guests are visible to admins and auditors (tokens: guests:read)."""
+
+    def has_permission(self, request, view):
+        return access.can_read_inventory(request)
+
+
+class HostList(generics.ListAPIView):
+    serializer_class = HostSerializer
+    permission_classes = [InventoryPermission]
+    queryset = Host.objects.all()
+
+
+class GuestList(generics.ListAPIView):
+    serializer_class = GuestSerializer
+    permission_classes = [InventoryPermission]
+
+    def get_queryset(self):
+        return Guest.objects.select_related("host").prefetch_related("domain_ids")
+
+
+class GuestDetail(generics.RetrieveAPIView):
+    serializer_class = GuestSerializer
+    permission_classes = [InventoryPermission]
+    lookup_field = "uuid"
+    queryset = Guest.objects.select_related("host")
+
+
+class GuestSave(APIView):
+    def post(self, request, uuid):
+        return job_response(run(orchestrate.request_save, request, uuid),
+                            status.HTTP_202_ACCEPTED)
+
+
+class ImageRestore(APIView):
+    def post(self, request, pk):
+        body = RestoreRequestSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        image = authorised_image(request, pk, "view")
+        key = request.headers.get("Idempotency-Key", "")[:200]
+        job = run(orchestrate.request_restore, request, image, body.validated_data["host"], key)
+        return job_response(job, status.HTTP_202_ACCEPTED)
+
+
+class JobList(generics.ListAPIView):
+    def get_queryset(self):
+        return access.visible_jobs(self.request)
+
+    def list(self, request, *args, **kwargs):
+        inventory.expire_stale_jobs()
+        page = self.paginate_queryset(self.get_queryset())
+        return self.get_paginated_response([progress.snapshot(j) for j in page])
+
+
+class JobDetail(APIView):
+    def get(self, request, pk):
+        inventory.expire_stale_jobs()
+        return job_response(get_object_or_404(access.visible_jobs(request), pk=pk))
+
+
+class JobAbort(APIView):
+    def post(self, request, pk):
+        job = get_object_or_404(access.visible_jobs(request), pk=pk)
+        return job_response(run(orchestrate.request_abort, request, job),
+                            status.HTTP_202_ACCEPTED)

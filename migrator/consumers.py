@@ -1,0 +1,164 @@
+"""WebSocket consumers: host agents (/ws/agent/) and job watchers (/ws/jobs/…).
+
+Thin: they authorise on connect, then forward. The logic lives in
+migrator.inventory (agent messages) and migrator.progress (fan-out).
+"""
+import logging
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.utils import timezone
+
+from migrator import access, credentials, inventory, progress
+from migrator.models import Job
+from portal import audit
+from portal.models import ActorKind, Outcome
+
+log = logging.getLogger(__name__)
+REPLACED = 4001
+
+
+def _header(scope, name):
+    for key, value in scope.get("headers", []):
+        if key.decode("latin-1").lower() == name:
+            return value.decode("latin-1")
+    return ""
+
+
+def _client_ip(scope):
+    client = scope.get("client")
+    return client[0] if client else None
+
+
+class AgentConsumer(AsyncJsonWebsocketConsumer):
+    """One host agent's connection: facts and events up, commands down."""
+
+    host = None
+
+    async def connect(self):
+        self.host = await database_sync_to_async(self._authenticate)()
+        if self.host is None:
+            await self.close()  # before accept: the handshake is refused with 403
+            return
+        await self.channel_layer.group_add(progress.host_group(self.host.name),
+                                           self.channel_name)
+        await self.accept()
+
+    def _authenticate(self):
+        authorization = _header(self.scope, "authorization")
+        scheme, _, secret = authorization.partition(" ")
+        host = credentials.host_for_credential(secret.strip()) if scheme == "Host" else None
+        audit.record("host.connect", actor=audit.Actor(
+            ActorKind.HOST if host else ActorKind.ANONYMOUS,
+            f"host:{host.name}" if host else "unknown agent"),
+            target=f"host:{host.name}" if host else "agent-endpoint",
+            outcome=Outcome.ALLOWED if host else Outcome.DENIED,
+            source_ip=_client_ip(self.scope),
+            details={} if host else {"reason": "missing, unknown or revoked host credential"})
+        return host
+
+    async def disconnect(self, code):
+        if self.host is None:
+            return
+        await self.channel_layer.group_discard(progress.host_group(self.host.name),
+                                               self.channel_name)
+        await database_sync_to_async(self._refresh_and_mark_offline)()
+
+    def _refresh_and_mark_offline(self):
+        self.host.refresh_from_db()
+        inventory.disconnected(self.host, self.channel_name)
+
+    async def receive_json(self, message, **kwargs):
+        handler = getattr(self, "on_" + str(message.get("type", "")).replace(".", "_"), None)
+        if handler is None:
+            log.warning("%s sent an unknown message type %r", self.host.name,
+                        message.get("type"))
+            return
+        try:
+            await handler(message)
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("%s sent a malformed %s: %s", self.host.name, message.get("type"), exc)
+
+    async def on_hello(self, message):
+        acks = await database_sync_to_async(self._hello)(message)
+        await self.send_json({"type": "welcome", "host": self.host.name,
+                              "server_time": timezone.now().isoformat()})
+        for job_id in acks:
+            await self.send_json({"type": "ack", "job": job_id})
+
+    def _hello(self, message):
+        self.host.refresh_from_db()
+        if self.host.channel_name and self.host.channel_name != self.channel_name:
+            # A newer connection replaces the older one, wherever it lives.
+            progress.send_to_channel(self.host.channel_name, {"type": "agent.replaced"})
+        return inventory.connected(self.host, self.channel_name, message)
+
+    async def on_inventory(self, message):
+        await database_sync_to_async(self._inventory)(message)
+
+    def _inventory(self, message):
+        inventory.heartbeat(self.host, message)
+        inventory.expire_stale_jobs()  # heartbeats double as the sweeper's clock
+
+    async def on_job_event(self, message):
+        await database_sync_to_async(inventory.record_event)(self.host, message)
+
+    async def on_job_result(self, message):
+        job_id = await database_sync_to_async(inventory.record_result)(self.host, message)
+        if job_id:
+            await self.send_json({"type": "ack", "job": job_id})
+
+    async def agent_command(self, event):
+        await self.send_json(event["payload"])
+
+    async def agent_replaced(self, event):
+        await self.close(code=REPLACED)
+
+
+class JobsConsumer(AsyncJsonWebsocketConsumer):
+    """Live job events for a browser: all visible jobs, or one job."""
+
+    job_id = None
+    sees_all = False
+
+    async def connect(self):
+        user = self.scope.get("user")
+        self.job_id = self.scope["url_route"]["kwargs"].get("job_id")
+        snapshots = await database_sync_to_async(self._authorise)(user)
+        if snapshots is None:
+            await self.close()
+            return
+        group = progress.job_group(self.job_id) if self.job_id else progress.ALL_JOBS
+        await self.channel_layer.group_add(group, self.channel_name)
+        await self.accept()
+        # The current state at once, so a page reconnecting mid-job is up to date.
+        await self.send_json({"type": "snapshot", "jobs": snapshots})
+
+    def _authorise(self, user):
+        if user is None or not user.is_authenticated:
+            return None
+        self.sees_all = access.can_see_all(user)
+        if self.job_id is None:
+            jobs = Job.objects.all() if self.sees_all else Job.objects.filter(
+                requester=user)
+            return [progress.snapshot(j) for j in jobs.select_related(
+                "source_host", "destination_host", "requester")[:50]]
+        job = Job.objects.select_related("source_host", "destination_host", "requester").filter(
+            id=self.job_id).first()
+        if job is None or not access.can_view_job(user, job):
+            return None
+        return [progress.snapshot(job)]
+
+    async def disconnect(self, code):
+        group = progress.job_group(self.job_id) if self.job_id else progress.ALL_JOBS
+        await self.channel_layer.group_discard(group, self.channel_name)
+
+    async def receive_json(self, message, **kwargs):
+        # Read-only: nothing is started or changed over this socket.
+        await self.send_json({"type": "error", "detail": "This socket is read-only."})
+
+    async def job_event(self, message):
+        if self.job_id is None and not self.sees_all and \
+                message.get("requester_id") != self.scope["user"].id:
+            return
+        await self.send_json(message["event"])

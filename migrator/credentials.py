@@ -1,0 +1,77 @@
+"""Secrets for hosts and jobs: issued once, stored only as SHA-256 digests.
+
+Both are long random strings, so a fast hash is enough: there is nothing to
+brute-force (unlike passwords, which get Argon2).
+"""
+import hashlib
+import hmac
+import secrets
+from datetime import timedelta
+
+from django.utils import timezone
+from rest_framework import exceptions
+from rest_framework.authentication import BaseAuthentication, get_authorization_header
+
+from migrator.models import Host, JobCredential
+
+HOST_PREFIX = "hc_"
+JOB_PREFIX = "jc_"
+JOB_CREDENTIAL_TTL = timedelta(hours=1)
+
+
+def digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_host_credential():
+    """(secret, digest) for a host; the secret goes into the agent's config only."""
+    secret = HOST_PREFIX + secrets.token_urlsafe(32)
+    return secret, digest(secret)
+
+
+def host_for_credential(secret: str):
+    """The enrolled, unrevoked host this credential belongs to, or None."""
+    if not secret or not secret.startswith(HOST_PREFIX):
+        return None
+    host = Host.objects.filter(credential_digest=digest(secret)).first()
+    if host is None or host.revoked or not hmac.compare_digest(host.credential_digest,
+                                                               digest(secret)):
+        return None
+    return host
+
+
+def issue_job_credential(job, purpose, image_id=None) -> str:
+    secret = JOB_PREFIX + secrets.token_urlsafe(32)
+    JobCredential.objects.create(digest=digest(secret), job=job, purpose=purpose,
+                                 image_id=image_id,
+                                 expires_at=timezone.now() + JOB_CREDENTIAL_TTL)
+    return secret
+
+
+class JobCredentialAuthentication(BaseAuthentication):
+    """``Authorization: Job <secret>``: acts for the job's requester, for one transfer."""
+
+    keyword = b"job"
+
+    def authenticate(self, request):
+        parts = get_authorization_header(request).split()
+        if not parts or parts[0].lower() != self.keyword:
+            return None
+        if len(parts) != 2:
+            raise exceptions.AuthenticationFailed("Invalid job credential header.")
+        credential = (JobCredential.objects.select_related("job", "job__requester")
+                      .filter(digest=digest(parts[1].decode("latin-1"))).first())
+        if credential is None or credential.used_at or credential.expires_at < timezone.now():
+            raise exceptions.AuthenticationFailed("Invalid, used or expired job credential.")
+        if credential.job.is_final or credential.job.requester is None:
+            raise exceptions.AuthenticationFailed("The job this credential belongs to is over.")
+        return credential.job.requester, credential
+
+    def authenticate_header(self, request):
+        return "Job"
+
+
+def consume(credential):
+    """Mark a credential used: single use, whatever the outcome of the transfer."""
+    JobCredential.objects.filter(digest=credential.digest, used_at__isnull=True).update(
+        used_at=timezone.now())

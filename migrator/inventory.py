@@ -1,0 +1,180 @@
+"""What agents tell the portal: host facts, guests, job progress and results.
+
+Plain synchronous functions; the agent consumer calls them through
+``database_sync_to_async``. Agents are trusted only about their own host and
+the jobs the portal gave them.
+"""
+import logging
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from migrator import progress
+from migrator.models import DomainIdRecord, Guest, Job, JobKind, JobState
+from portal import audit
+from portal.models import ActorKind, Outcome
+
+log = logging.getLogger(__name__)
+HOST_FACTS = ("arch", "driver", "subnet")
+
+
+def host_actor(host):
+    return audit.Actor(ActorKind.HOST, f"host:{host.name}")
+
+
+def connected(host, channel_name, hello):
+    """Record a (re)connected agent and its facts; returns the job ids to ack."""
+    capacity = hello.get("capacity", {})
+    host.online, host.channel_name, host.last_seen = True, channel_name, timezone.now()
+    for field in HOST_FACTS:
+        if hello.get(field):
+            setattr(host, field, str(hello[field])[:64])
+    host.virt_extensions = list(hello.get("virt_extensions", host.virt_extensions))
+    host.storage = list(hello.get("storage", host.storage))
+    _apply_capacity(host, capacity)
+    host.save()
+    sync_guests(host, hello.get("guests", []))
+    acks = [record_result(host, result) for result in hello.get("results", [])]
+    _fail_lost_jobs(host, {j.get("job") for j in hello.get("jobs", [])}, set(acks))
+    return [a for a in acks if a]
+
+
+def _apply_capacity(host, capacity):
+    for field, key in (("memory_mib", "memory_mib"), ("used_mib", "used_mib"),
+                       ("reserved_mib", "reserved_mib"), ("disk_gib", "disk_gib")):
+        if isinstance(capacity.get(key), int) and capacity[key] >= 0:
+            setattr(host, field, capacity[key])
+
+
+def heartbeat(host, message):
+    host.last_seen = timezone.now()
+    _apply_capacity(host, message.get("capacity", {}))
+    host.save(update_fields=["last_seen", "memory_mib", "used_mib", "reserved_mib", "disk_gib"])
+    sync_guests(host, message.get("guests", []))
+
+
+@transaction.atomic
+def sync_guests(host, reported):
+    """Make the portal's guest rows for ``host`` match the agent's list."""
+    seen = set()
+    for info in reported:
+        try:
+            guest = _upsert_guest(host, info)
+        except (KeyError, TypeError, ValueError):
+            log.warning("ignoring malformed guest report from %s", host.name)
+            continue
+        seen.add(guest.uuid)
+    Guest.objects.filter(host=host).exclude(uuid__in=seen).update(
+        host=None, domain_id=None, state="", active=False)
+
+
+def _upsert_guest(host, info):
+    guest, _ = Guest.objects.select_for_update().get_or_create(
+        uuid=info["uuid"], defaults={"name": str(info["name"])[:200]})
+    if guest.host_id != host.id or guest.domain_id != info.get("domain_id"):
+        DomainIdRecord.objects.create(guest=guest, host_name=host.name,
+                                      domain_id=int(info["domain_id"]))
+    guest.host, guest.domain_id = host, int(info["domain_id"])
+    guest.name = str(info["name"])[:200]
+    guest.memory_mib, guest.vcpus = int(info["memory_mib"]), int(info.get("vcpus", 1))
+    guest.state, guest.active = str(info.get("state", ""))[:16], bool(info.get("active"))
+    guest.config = info.get("config") or {}
+    guest.save()
+    return guest
+
+
+def _job_of(host, job_id):
+    job = Job.objects.select_for_update().filter(id=job_id).first()
+    if job is None or host.id not in (job.source_host_id, job.destination_host_id):
+        log.warning("%s reported on job %s, which is not its own", host.name, job_id)
+        return None
+    return job
+
+
+@transaction.atomic
+def record_event(host, message):
+    job = _job_of(host, message.get("job"))
+    event = message.get("event") or {}
+    if job is None or job.is_final:
+        return
+    job.start()
+    if event.get("stage"):
+        job.enter_stage(str(event["stage"])[:32])
+    if "done_bytes" in event:
+        job.record_progress(int(event["done_bytes"]), int(event.get("total_bytes") or 0))
+    job.save()
+    transaction.on_commit(lambda: progress.publish(job, event.get("kind", "progress")))
+
+
+@transaction.atomic
+def record_result(host, message):
+    """Apply a job's outcome once; return the job id to acknowledge."""
+    job_id = message.get("job")
+    job = _job_of(host, job_id)
+    if job is None:
+        return job_id  # unknown to us: ack so the agent stops resending it
+    if job.is_final:
+        return job_id
+    state, error = message.get("state"), str(message.get("error", ""))[:2000]
+    result = message.get("result") or {}
+    if state == JobState.SUCCEEDED:
+        job.finish(result)
+    elif state == JobState.ABORTED:
+        job.abort(error or "aborted")
+    else:
+        job.fail(error or "the agent reported a failure without a reason")
+    job.save()
+    _audit_outcome(host, job)
+    transaction.on_commit(lambda: progress.publish(job, "final"))
+    return job_id
+
+
+def _audit_outcome(host, job):
+    action = {JobKind.SAVE: "guest.save", JobKind.RESTORE: "image.restore"}.get(
+        job.kind, f"guest.{job.kind}")
+    outcome = Outcome.ALLOWED if job.state == JobState.SUCCEEDED else Outcome.FAILED
+    audit.record(f"{action}.{job.state}", actor=host_actor(host),
+                 target=f"guest:{job.guest_uuid}", outcome=outcome,
+                 details={"job": str(job.id), "error": job.error,
+                          "image": str(job.image_id) if job.image_id else None})
+
+
+def _fail_lost_jobs(host, running_ids, acked_ids):
+    """Jobs we think run on this host that the agent no longer knows were lost."""
+    in_flight = Job.objects.filter(Q(source_host=host) | Q(destination_host=host),
+                                   state__in=(JobState.QUEUED, JobState.RUNNING))
+    for job in in_flight:
+        if str(job.id) in running_ids or str(job.id) in acked_ids:
+            continue
+        if job.state == JobState.QUEUED and job.created_at > timezone.now() - timedelta(seconds=5):
+            continue  # its command may be on its way to this very connection
+        if job.fail(f"the agent on {host.name} restarted and no longer knows this job"):
+            job.save()
+            progress.publish(job, "final")
+
+
+def disconnected(host, channel_name):
+    if host.channel_name == channel_name:
+        host.online = False
+        host.save(update_fields=["online"])
+
+
+def expire_stale_jobs(now=None):
+    """Fail jobs whose agent has been gone longer than the timeout, with the reason."""
+    now = now or timezone.now()
+    cutoff = now - timedelta(seconds=settings.JOB_AGENT_TIMEOUT_SECONDS)
+    expired = 0
+    for job in Job.objects.filter(state__in=(JobState.QUEUED, JobState.RUNNING)).select_related(
+            "source_host", "destination_host"):
+        host = job.host
+        if host is None or host.online or (host.last_seen and host.last_seen > cutoff):
+            continue
+        if job.fail(f"the agent on {host.name} went away and did not come back within "
+                    f"{settings.JOB_AGENT_TIMEOUT_SECONDS} s"):
+            job.save()
+            progress.publish(job, "final")
+            expired += 1
+    return expired

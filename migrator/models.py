@@ -1,0 +1,239 @@
+"""Hosts, guests and jobs as the portal knows them.
+
+The agents own the truth about guests; these rows are the portal's view,
+refreshed from every agent's inventory.
+"""
+import uuid
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+
+class Host(models.Model):
+    name = models.CharField(max_length=63, unique=True)
+    address = models.CharField(max_length=255)
+    relocation_port = models.PositiveIntegerField(default=8002)
+    driver = models.CharField(max_length=32, default="sim")
+    arch = models.CharField(max_length=32, default="x86_64")
+    virt_extensions = models.JSONField(default=list, blank=True)
+    memory_mib = models.PositiveIntegerField(default=0)
+    used_mib = models.PositiveIntegerField(default=0)
+    reserved_mib = models.PositiveIntegerField(default=0)
+    disk_gib = models.PositiveIntegerField(default=0)
+    subnet = models.CharField(max_length=64, blank=True)
+    storage = models.JSONField(default=list, blank=True)
+    credential_digest = models.CharField(max_length=64, unique=True)
+    cert_serial = models.CharField(max_length=64, blank=True)
+    cert_fingerprint = models.CharField(max_length=64, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    online = models.BooleanField(default=False)
+    channel_name = models.CharField(max_length=200, blank=True)
+    last_seen = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self):
+        return self.name
+
+    @property
+    def free_mib(self):
+        return max(self.memory_mib - self.used_mib - self.reserved_mib, 0)
+
+    @property
+    def revoked(self):
+        return self.revoked_at is not None
+
+
+class GuestState(models.TextChoices):
+    RUNNING = "running"
+    PAUSED = "paused"
+    SAVING = "saving"
+    SAVED = "saved"
+    MIGRATING = "migrating"
+    INCOMING = "incoming"
+
+
+class Guest(models.Model):
+    """A guest identity (its UUID) and where it runs now, if anywhere."""
+
+    uuid = models.UUIDField(primary_key=True)
+    name = models.CharField(max_length=200)
+    host = models.ForeignKey(Host, null=True, blank=True, on_delete=models.SET_NULL,
+                             related_name="guests")
+    domain_id = models.PositiveIntegerField(null=True, blank=True)
+    memory_mib = models.PositiveIntegerField(default=0)
+    vcpus = models.PositiveSmallIntegerField(default=1)
+    state = models.CharField(max_length=16, choices=GuestState.choices, blank=True)
+    active = models.BooleanField(default=False)
+    config = models.JSONField(default=dict, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self):
+        return f"{self.name} ({self.uuid})"
+
+    @property
+    def workload(self):
+        return (self.config or {}).get("workload", {}).get("profile", "")
+
+    @property
+    def ip(self):
+        return (self.config or {}).get("ip", "")
+
+
+class DomainIdRecord(models.Model):
+    """Every domain ID a guest has had: restores and migrations give new ones."""
+
+    guest = models.ForeignKey(Guest, on_delete=models.CASCADE, related_name="domain_ids")
+    host_name = models.CharField(max_length=63)
+    domain_id = models.PositiveIntegerField()
+    seen_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-seen_at"]
+
+    def __str__(self):
+        return f"{self.guest_id} was domain {self.domain_id} on {self.host_name}"
+
+
+class JobKind(models.TextChoices):
+    SAVE = "save"
+    RESTORE = "restore"
+    MIGRATE = "migrate"
+
+
+class JobState(models.TextChoices):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    ABORTED = "aborted"
+
+
+FINAL_STATES = {JobState.SUCCEEDED, JobState.FAILED, JobState.ABORTED}
+
+
+class Job(models.Model):
+    """One save, restore or migration, with explicit states and transitions."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    kind = models.CharField(max_length=16, choices=JobKind.choices)
+    state = models.CharField(max_length=16, choices=JobState.choices, default=JobState.QUEUED,
+                             db_index=True)
+    requester = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL,
+                                  related_name="jobs")
+    guest_uuid = models.UUIDField(db_index=True)
+    guest_name = models.CharField(max_length=200, blank=True)
+    source_host = models.ForeignKey(Host, null=True, blank=True, on_delete=models.SET_NULL,
+                                    related_name="+")
+    destination_host = models.ForeignKey(Host, null=True, blank=True, on_delete=models.SET_NULL,
+                                         related_name="+")
+    image = models.ForeignKey("vault.SavedImage", null=True, blank=True,
+                              on_delete=models.SET_NULL, related_name="jobs")
+    stage = models.CharField(max_length=32, blank=True)
+    done_bytes = models.BigIntegerField(default=0)
+    total_bytes = models.BigIntegerField(default=0)
+    timeline = models.JSONField(default=list, blank=True)
+    result = models.JSONField(default=dict, blank=True)
+    error = models.TextField(blank=True)
+    idempotency_key = models.CharField(max_length=200, blank=True, db_index=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self):
+        return f"{self.kind} {self.guest_name or self.guest_uuid} ({self.state})"
+
+    @property
+    def is_final(self):
+        return self.state in FINAL_STATES
+
+    @property
+    def host(self):
+        """The host whose agent runs this job."""
+        return self.destination_host if self.kind == JobKind.RESTORE else self.source_host
+
+    @property
+    def percent(self):
+        if self.state == JobState.SUCCEEDED:
+            return 100
+        if not self.total_bytes:
+            return 0
+        return min(int(100 * self.done_bytes / self.total_bytes), 100)
+
+    def _move(self, state, **fields):
+        if self.is_final:
+            return False
+        self.state = state
+        for name, value in fields.items():
+            setattr(self, name, value)
+        return True
+
+    def start(self):
+        return self._move(JobState.RUNNING, started_at=self.started_at or timezone.now())
+
+    def enter_stage(self, stage):
+        if self.is_final or stage == self.stage:
+            return
+        self.stage = stage
+        self.timeline = [*self.timeline, {"stage": stage, "at": timezone.now().isoformat()}]
+
+    def record_progress(self, done, total):
+        # The bar never runs backwards, even if events arrive out of order.
+        self.done_bytes = max(self.done_bytes, done)
+        self.total_bytes = total or self.total_bytes
+
+    def finish(self, result=None):
+        return self._move(JobState.SUCCEEDED, result=result or {}, finished_at=timezone.now(),
+                          done_bytes=self.total_bytes or self.done_bytes)
+
+    def fail(self, reason):
+        return self._move(JobState.FAILED, error=reason, finished_at=timezone.now())
+
+    def abort(self, reason="aborted by request"):
+        return self._move(JobState.ABORTED, error=reason, finished_at=timezone.now())
+
+
+class JobCredential(models.Model):
+    """A single-use secret an agent presents to stream one job's image bytes."""
+
+    UPLOAD = "upload"
+    DOWNLOAD = "download"
+
+    digest = models.CharField(max_length=64, primary_key=True)
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="credentials")
+    purpose = models.CharField(max_length=16)
+    image_id = models.UUIDField(null=True, blank=True)
+    expires_at = models.DateTimeField()
+    used_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self):
+        return f"{self.purpose} credential for job {self.job_id}"
+
+    # The attributes below let the vault's access helper treat this like a token.
+    @property
+    def scopes(self):
+        return ["images:write"] if self.purpose == self.UPLOAD else ["images:download"]
+
+    def has_scope(self, scope):
+        return scope in self.scopes
+
+    @property
+    def image_ids(self):
+        return [str(self.image_id)] if self.image_id else []
+
+    @property
+    def token_key(self):
+        return f"job:{self.job_id}"
+
+    @property
+    def acts_for_restore(self):
+        return self.purpose == self.DOWNLOAD

@@ -1,0 +1,154 @@
+"""Starting jobs: the checks before anything changes, then a command to an agent.
+
+Plain functions; views, API and tests call them. Each raises OperationError
+(with the HTTP status it maps to and a reason) when a request cannot be honoured.
+"""
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from migrator import access, credentials, progress
+from migrator.models import Guest, Host, Job, JobCredential, JobKind, JobState
+from portal import audit
+from portal.models import Outcome
+from vault import access as vault_access
+
+IN_FLIGHT = (JobState.QUEUED, JobState.RUNNING)
+
+
+class OperationError(Exception):
+    def __init__(self, status, code, detail):
+        super().__init__(detail)
+        self.status, self.code, self.detail = status, code, detail
+
+
+def _refuse(request, action, target, status, code, detail):
+    outcome = Outcome.DENIED if status in (401, 403) else Outcome.FAILED
+    audit.record_request(request, action, target=target, outcome=outcome,
+                         details={"reason": detail})
+    raise OperationError(status, code, detail)
+
+
+def _online_host(request, action, target, host):
+    if host is None:
+        _refuse(request, action, target, 404, "not_found", "No such host.")
+    if host.revoked:
+        _refuse(request, action, target, 409, "host_revoked", f"Host {host.name} is revoked.")
+    if not host.online:
+        _refuse(request, action, target, 409, "host_offline",
+                f"Host {host.name} is offline: its agent is not connected.")
+    return host
+
+
+def _not_busy(request, action, target, guest_uuid):
+    busy = Job.objects.filter(guest_uuid=guest_uuid, state__in=IN_FLIGHT).first()
+    if busy:
+        _refuse(request, action, target, 409, "guest_busy",
+                f"The guest is busy with a {busy.kind} job ({busy.id}).")
+
+
+def request_save(request, guest_uuid) -> Job:
+    target = f"guest:{guest_uuid}"
+    if not access.can_operate(request, "save"):
+        _refuse(request, "guest.save", target, 403, "permission_denied",
+                "Saving guests needs the admin role (and guests:save for tokens).")
+    with transaction.atomic():
+        guest = Guest.objects.select_for_update().select_related("host").filter(
+            uuid=guest_uuid).first()
+        if guest is None:
+            raise OperationError(404, "not_found", "No such guest.")
+        if guest.host is None:
+            _refuse(request, "guest.save", target, 409, "not_running",
+                    "The guest is not running on any host.")
+        host = _online_host(request, "guest.save", target, guest.host)
+        _not_busy(request, "guest.save", target, guest.uuid)
+        job = Job.objects.create(kind=JobKind.SAVE, requester=request.user,
+                                 guest_uuid=guest.uuid, guest_name=guest.name, source_host=host,
+                                 total_bytes=guest.memory_mib * 1024 * 1024)
+        secret = credentials.issue_job_credential(job, JobCredential.UPLOAD)
+    audit.record_request(request, "guest.save", target=target,
+                         details={"job": str(job.id), "host": host.name})
+    name = f"{guest.name} {timezone.now():%Y-%m-%d %H:%M:%S}"
+    progress.send_to_host(host.name, {
+        "type": "command", "job": str(job.id), "action": "save", "guest": str(guest.uuid),
+        "upload": {"url": f"{settings.PORTAL_URL}/api/v1/images/", "credential": secret,
+                   "name": name}})
+    progress.publish(job, "state")
+    return job
+
+
+def request_restore(request, image, host_name, idempotency_key="") -> Job:
+    if idempotency_key:
+        earlier = Job.objects.filter(requester=request.user, kind=JobKind.RESTORE,
+                                     idempotency_key=idempotency_key).first()
+        if earlier:
+            return earlier
+    if not vault_access.can(request, "restore", image):
+        vault_access.require(request, "restore", image)  # audits the refusal and raises
+    target = image.target
+    host = _online_host(request, "image.restore", target,
+                        Host.objects.filter(name=host_name).first())
+    _check_fits(request, target, image, host)
+    with transaction.atomic():
+        _not_running_anywhere(request, target, image)
+        _not_busy(request, "image.restore", target, image.guest_uuid)
+        job = Job.objects.create(kind=JobKind.RESTORE, requester=request.user,
+                                 guest_uuid=image.guest_uuid, guest_name=image.guest_name,
+                                 destination_host=host, image=image,
+                                 total_bytes=image.plaintext_size,
+                                 idempotency_key=idempotency_key)
+        secret = credentials.issue_job_credential(job, JobCredential.DOWNLOAD, image.id)
+    audit.record_request(request, "image.restore", target=target,
+                         details={"job": str(job.id), "host": host.name})
+    progress.send_to_host(host.name, {
+        "type": "command", "job": str(job.id), "action": "restore",
+        "image": {"id": str(image.id), "sha256": image.sha256,
+                  "plaintext_size": image.plaintext_size, "guest_uuid": str(image.guest_uuid)},
+        "download": {"url": f"{settings.PORTAL_URL}/api/v1/images/{image.id}/content",
+                     "credential": secret}})
+    progress.publish(job, "state")
+    return job
+
+
+def _check_fits(request, target, image, host):
+    if image.guest_uuid is None:
+        _refuse(request, "image.restore", target, 409, "not_a_guest_image",
+                "This image was not saved from a guest, so there is nothing to restore.")
+    if (image.memory_mib or 0) > host.free_mib:
+        _refuse(request, "image.restore", target, 409, "insufficient_memory",
+                f"The guest needs {image.memory_mib} MiB; "
+                f"{host.name} has {host.free_mib} MiB free.")
+    if image.architecture and image.architecture != host.arch:
+        _refuse(request, "image.restore", target, 409, "incompatible_host",
+                f"The image is {image.architecture}; {host.name} is {host.arch}.")
+    wanted = {v for v in image.virt_extensions.split(",") if v}
+    if wanted and wanted != set(host.virt_extensions):
+        _refuse(request, "image.restore", target, 409, "incompatible_host",
+                f"The image needs virtualisation extensions {sorted(wanted)}; "
+                f"{host.name} has {sorted(host.virt_extensions)}.")
+
+
+def _not_running_anywhere(request, target, image):
+    running = Guest.objects.select_for_update().filter(uuid=image.guest_uuid,
+                                                       host__isnull=False).first()
+    if running:
+        _refuse(request, "image.restore", target, 409, "guest_running",
+                f"Guest {running.name} is already running on {running.host.name}.")
+
+
+def request_abort(request, job) -> Job:
+    target = f"job:{job.id}"
+    if not access.can_operate(request, "abort"):
+        _refuse(request, "job.abort", target, 403, "permission_denied",
+                "Aborting jobs needs the admin role.")
+    if job.is_final:
+        raise OperationError(409, "job_over", f"The job has already {job.state}.")
+    audit.record_request(request, "job.abort", target=target)
+    host = job.host
+    if host is not None and host.online:
+        progress.send_to_host(host.name, {"type": "command", "job": str(job.id),
+                                          "action": "abort"})
+    elif job.abort("aborted while its host was offline"):
+        job.save()
+        progress.publish(job, "final")
+    return job

@@ -1,0 +1,44 @@
+// The job page: progress bar, stage, timeline and outcome, live.
+(function () {
+  "use strict";
+  var root = document.getElementById("job-live");
+  if (!root) return;
+  var bar = document.querySelector("#job-progress > span");
+  var best = 0;
+  function mib(n) { return (n / 1048576).toFixed(1) + " MiB"; }
+  function show(job) {
+    if (job.id !== root.dataset.job) return;
+    document.getElementById("job-state").textContent = job.state;
+    document.getElementById("job-state").className = "badge state-" + job.state;
+    document.getElementById("job-stage").textContent = job.stage || "—";
+    best = Math.max(best, job.percent);  // the bar never runs backwards
+    bar.style.width = best + "%";
+    document.getElementById("job-progress").setAttribute("aria-valuenow", String(best));
+    document.getElementById("job-bytes").textContent = mib(job.done_bytes) + " of " + mib(job.total_bytes);
+    var error = document.getElementById("job-error");
+    error.hidden = !job.error;
+    error.textContent = job.error || "";
+    var list = document.getElementById("job-timeline");
+    list.replaceChildren.apply(list, job.timeline.map(function (step) {
+      var li = document.createElement("li");
+      li.textContent = step.stage + " ";
+      var at = document.createElement("span");
+      at.className = "muted";
+      at.textContent = step.at;
+      li.appendChild(at);
+      return li;
+    }));
+    if (["succeeded", "failed", "aborted"].indexOf(job.state) >= 0) {
+      var abort = document.getElementById("abort-form");
+      if (abort) abort.hidden = true;
+      if (job.state === "succeeded" && !root.dataset.reloaded) {
+        root.dataset.reloaded = "1";
+        setTimeout(function () { location.reload(); }, 800);  // show the result links
+      }
+    }
+  }
+  window.BerthLive(root.dataset.socket, function (event) {
+    if (event.type === "snapshot") event.jobs.forEach(show);
+    else if (event.job) show(event.job);
+  }, document.getElementById("live-status"));
+})();
