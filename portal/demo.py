@@ -50,3 +50,37 @@ def ensure_demo_accounts():
             stored[username] = wanted
     save_credentials(stored)
     return {name: stored.get(name, "(set elsewhere)") for name, _ in DEMO_ACCOUNTS}
+
+
+# The article's set-up: hostb runs the guests, hostc is the migration target,
+# both mount hosta's NFS export.
+SHARED_STORAGE = "hosta:/xen-storage"
+DEMO_HOSTS = (("hostb", 8002, ["hostc"]), ("hostc", 8003, ["hostb"]))
+DEMO_GUESTS = [
+    {"name": "debian_etch", "memory_mib": 128, "vcpus": 1,
+     "kernel": "/boot/vmlinuz-2.6.16.38-xenU", "ip": "192.168.1.110", "storage": [],
+     "workload": {"profile": "idle"}},
+    {"name": "ubuntu_fuwa_nfs_domu", "memory_mib": 256, "vcpus": 1,
+     "kernel": "/boot/vmlinuz-2.6.16.38-xenU", "ip": "192.168.1.111",
+     "storage": [SHARED_STORAGE], "workload": {"profile": "web"}},
+]
+
+
+def ensure_demo_hosts(portal_url):
+    """Enrol hostb and hostc once; return their agent config paths."""
+    import uuid
+
+    from migrator.enrollment import HostSpec, bundle_dir, enroll
+    from migrator.models import Host
+
+    paths = []
+    for name, port, allow in DEMO_HOSTS:
+        config = bundle_dir(name) / "agent.toml"
+        if not Host.objects.filter(name=name).exists() or not config.exists():
+            Host.objects.filter(name=name).delete()  # a half-made earlier attempt
+            guests = [{**g, "uuid": str(uuid.uuid4())} for g in DEMO_GUESTS] \
+                if name == "hostb" else []
+            enroll(HostSpec(name=name, relocation_port=port, storage=[SHARED_STORAGE],
+                            hosts_allow=allow, guests=guests), portal_url=portal_url)
+        paths.append(config)
+    return paths

@@ -26,10 +26,12 @@ def manage(*args, env, check=True, timeout=120):
 class PortalServer:
     """A portal process with its own data directory; stop() ends only it."""
 
-    def __init__(self, data_dir: Path, extra_env=None):
+    def __init__(self, data_dir: Path, extra_env=None, agents=False):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "BERTH_DATA_DIR": str(data_dir), **(extra_env or {})}
+        self.agents = agents
+        self.env = {**os.environ, "BERTH_DATA_DIR": str(data_dir), "BERTH_PORTAL_URL": self.url,
+                    **(extra_env or {})}
         self.env.pop("DJANGO_SETTINGS_MODULE", None)
         self.process = None
         self.log = data_dir / "server.log"
@@ -38,7 +40,8 @@ class PortalServer:
         manage("migrate", "--noinput", env=self.env)
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "manage.py", "demo", "--port", str(self.port)],
+                [sys.executable, "manage.py", "demo", "--port", str(self.port),
+                 *([] if self.agents else ["--no-agents"])],
                 cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         self._wait_ready(timeout)
         return self

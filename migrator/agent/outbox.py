@@ -1,0 +1,118 @@
+"""Job results that the portal has not acknowledged yet.
+
+A result is the one thing about a job the portal must not miss (progress
+events are disposable), and jobs keep running while the portal is away or
+restarting.  So every result is kept in memory *and* in
+``state_dir/outbox.json`` until an ``ack`` for its job arrives, and every
+``hello`` carries what is still pending.  The file is rewritten atomically
+(temporary file, fsync, rename) with mode 0600: a crash leaves the old or the
+new list, never half of one.
+
+Django-free.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("berth.agent")
+
+FILE_NAME = "outbox.json"
+
+
+class Outbox:
+    """Thread-safe: job threads add, the connection loop reads and acks."""
+
+    def __init__(self, state_dir: str | os.PathLike[str] | None):
+        self._path = Path(state_dir) / FILE_NAME if state_dir is not None else None
+        self._lock = threading.Lock()
+        self._results: dict[str, dict[str, Any]] = self._load()
+
+    @property
+    def path(self) -> Path | None:
+        return self._path
+
+    def add(self, result: dict[str, Any]) -> None:
+        """Keep a ``job.result`` message (replacing one for the same job)."""
+        with self._lock:
+            self._results[str(result["job"])] = dict(result)
+            self._save()
+
+    def ack(self, job_id: str) -> bool:
+        """Forget a job's result; False if there was none."""
+        with self._lock:
+            if self._results.pop(str(job_id), None) is None:
+                return False
+            self._save()
+            return True
+
+    def pending(self) -> list[dict[str, Any]]:
+        """The unacknowledged results, oldest first (copies)."""
+        with self._lock:
+            return [dict(r) for r in self._results.values()]
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            found = self._results.get(str(job_id))
+            return dict(found) if found is not None else None
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._results)
+
+    # -- persistence ----------------------------------------------------------
+    def _load(self) -> dict[str, dict[str, Any]]:
+        if self._path is None or not self._path.exists():
+            return {}
+        try:
+            entries = json.loads(self._path.read_text(encoding="utf-8"))
+            if not isinstance(entries, list):
+                raise ValueError("not a list")
+            return {str(e["job"]): e for e in entries}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            # Keep the unreadable file for a human instead of overwriting it.
+            aside = self._path.with_suffix(".json.corrupt")
+            log.error("outbox %s is unreadable (%s); moved it to %s and starting empty",
+                      self._path, exc, aside)
+            os.replace(self._path, aside)
+            return {}
+
+    def _save(self) -> None:  # caller holds the lock
+        if self._path is None:
+            return
+        data = json.dumps(list(self._results.values()), indent=1).encode("utf-8")
+        write_atomic(self._path, data)
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data``: readers see the old or the new file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    # The rename itself must survive a crash too.
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def ensure_state_dir(path: str | os.PathLike[str]) -> Path:
+    """Create the state directory 0700 (it holds job results and guest ids)."""
+    path = Path(path)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path

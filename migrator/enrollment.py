@@ -1,0 +1,141 @@
+"""Enrolling and revoking hosts: credential, certificate, and the agent's config bundle."""
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from migrator import credentials, pki, progress
+from migrator.models import Host
+from portal import audit
+
+
+class EnrollmentError(Exception):
+    """A request to enrol or revoke that cannot be honoured, with the reason."""
+
+
+@dataclass
+class HostSpec:
+    name: str
+    address: str = "127.0.0.1"
+    relocation_port: int = 8002
+    driver: str = "sim"
+    arch: str = "x86_64"
+    virt_extensions: list = field(default_factory=lambda: ["vmx"])
+    memory_mib: int = 4096
+    disk_gib: int = 100
+    subnet: str = "192.168.1.0/24"
+    storage: list = field(default_factory=list)
+    hosts_allow: list = field(default_factory=list)
+    guests: list = field(default_factory=list)
+
+
+def certificate_authority():
+    return pki.CertificateAuthority.load_or_create(settings.PKI_DIR)
+
+
+def bundle_dir(name) -> Path:
+    return settings.AGENTS_DIR / name
+
+
+def enroll(spec: HostSpec, *, actor=None, portal_url=None) -> Path:
+    """Create the host, its credential and certificate; write its bundle.
+
+    Returns the path of the agent's config file."""
+    try:
+        pki.validate_host_name(spec.name)
+    except pki.PKIError as exc:
+        raise EnrollmentError(str(exc)) from None
+    if Host.objects.filter(name=spec.name).exists():
+        raise EnrollmentError(f"host {spec.name} is already enrolled")
+    ca = certificate_authority()
+    issued = ca.issue_host_certificate(spec.name, addresses=[spec.address])
+    secret, digest = credentials.new_host_credential()
+    with transaction.atomic():
+        Host.objects.create(
+            name=spec.name, address=spec.address, relocation_port=spec.relocation_port,
+            driver=spec.driver, arch=spec.arch, virt_extensions=spec.virt_extensions,
+            memory_mib=spec.memory_mib, disk_gib=spec.disk_gib, subnet=spec.subnet,
+            storage=spec.storage, credential_digest=digest, cert_serial=str(issued.serial),
+            cert_fingerprint=issued.fingerprint_sha256)
+        path = _write_bundle(spec, secret, issued, ca, portal_url or settings.PORTAL_URL)
+        audit.record("host.enroll", actor=actor or audit.Actor.system(),
+                     target=f"host:{spec.name}",
+                     details={"address": spec.address, "relocation_port": spec.relocation_port,
+                              "certificate": issued.fingerprint_sha256})
+    return path
+
+
+def _write_private(path: Path, data: bytes, mode=0o600):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(path, mode)
+
+
+def _write_bundle(spec, secret, issued, ca, portal_url) -> Path:
+    directory = bundle_dir(spec.name)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _write_private(directory / "cert.pem", issued.cert_pem)
+    _write_private(directory / "key.pem", issued.key_pem)
+    _write_private(directory / "ca.pem", ca.ca_cert_pem())
+    config = {
+        "host": {"name": spec.name, "driver": spec.driver, "arch": spec.arch,
+                 "virt_extensions": spec.virt_extensions, "memory_mib": spec.memory_mib,
+                 "disk_gib": spec.disk_gib, "subnet": spec.subnet, "storage": spec.storage,
+                 "state_dir": str(directory / "state")},
+        "portal": {"url": portal_url, "credential": secret, "ca": ""},
+        "relocation": {"address": spec.address, "port": spec.relocation_port,
+                       "hosts_allow": spec.hosts_allow, "cert": str(directory / "cert.pem"),
+                       "key": str(directory / "key.pem"), "ca": str(directory / "ca.pem")},
+    }
+    path = directory / "agent.toml"
+    _write_private(path, to_toml(config, spec.guests).encode())
+    return path
+
+
+def to_toml(config: dict, guests: list) -> str:
+    """Just enough TOML for the agent config: tables of scalars and lists."""
+    lines = ["# Berth host agent configuration, written by `manage.py hosts enroll`.",
+             "# It holds this host's credential: keep it 0600.", ""]
+    for table, values in config.items():
+        lines.append(f"[{table}]")
+        lines += [f"{key} = {_value(value)}" for key, value in values.items()]
+        lines.append("")
+    for guest in guests:
+        lines.append("[[guests]]")
+        lines += [f"{key} = {_value(value)}" for key, value in guest.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _value(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_value(v)}" for k, v in value.items()) + " }"
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def revoke(name, *, actor=None):
+    host = Host.objects.filter(name=name).first()
+    if host is None:
+        raise EnrollmentError(f"no host named {name}")
+    if host.revoked:
+        raise EnrollmentError(f"host {name} is already revoked")
+    if host.cert_serial:
+        certificate_authority().revoke(int(host.cert_serial))
+    host.revoked_at, host.online = timezone.now(), False
+    host.save(update_fields=["revoked_at", "online"])
+    if host.channel_name:
+        progress.send_to_channel(host.channel_name, {"type": "agent.replaced"})
+    audit.record("host.revoke", actor=actor or audit.Actor.system(), target=f"host:{name}",
+                 details={"certificate_serial": host.cert_serial})
+    return host

@@ -1,0 +1,135 @@
+"""The agent socket and the job sockets, through the real routing."""
+import pytest
+from asgiref.sync import sync_to_async
+from django.test import RequestFactory
+
+from migrator import orchestrate
+from migrator.enrollment import revoke
+from migrator.models import Guest, Job, JobState
+from portal.models import AuditRecord
+from portal.routing import browser_routes
+from tests.migrator.conftest import GUEST, agent_socket, connect_agent
+from tests.support.channels_testing import WebsocketCommunicator
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def jobs_socket(user, path="/ws/jobs/"):
+    from channels.routing import URLRouter
+
+    socket = WebsocketCommunicator(URLRouter(browser_routes), path)
+    socket.scope["user"] = user
+    return socket
+
+
+def as_request(user):
+    request = RequestFactory().post("/", REMOTE_ADDR="127.0.0.1")
+    request.user = user
+    return request
+
+
+async def test_unknown_credential_is_refused_and_audited(enrolled):
+    socket = agent_socket("hc_not-a-real-credential")
+    connected, _ = await socket.connect()
+    assert not connected
+    assert await AuditRecord.objects.filter(action="host.connect", outcome="denied").aexists()
+
+
+async def test_missing_credential_is_refused(enrolled):
+    connected, _ = await agent_socket(None).connect()
+    assert not connected
+
+
+async def test_hello_brings_the_host_online_with_its_guests(enrolled):
+    socket = await connect_agent(enrolled["hostb"], "hostb")
+    guest = await Guest.objects.select_related("host").aget(uuid=GUEST["uuid"])
+    assert guest.host.name == "hostb" and guest.domain_id == 1
+    assert (await Guest.objects.acount()) == 1
+    await socket.disconnect()
+    host = await sync_to_async(lambda: Guest.objects.get(uuid=GUEST["uuid"]).host)()
+    assert host.online is False
+
+
+async def test_revoked_host_is_cut_off(enrolled):
+    await sync_to_async(revoke)("hostb")
+    connected, _ = await agent_socket(enrolled["hostb"]).connect()
+    assert not connected
+
+
+async def test_save_command_reaches_the_agent_and_events_reach_watchers(enrolled, admin_user):
+    agent = await connect_agent(enrolled["hostb"], "hostb")
+    watcher = jobs_socket(admin_user)
+    assert (await watcher.connect())[0]
+    assert (await watcher.receive_json_from())["type"] == "snapshot"
+    job = await sync_to_async(orchestrate.request_save)(as_request(admin_user), GUEST["uuid"])
+    command = await agent.receive_json_from(timeout=5)
+    assert command["action"] == "save" and command["job"] == str(job.id)
+    assert command["upload"]["credential"].startswith("jc_")
+    assert (await watcher.receive_json_from(timeout=5))["job"]["state"] == "queued"
+    await agent.send_json_to({"type": "job.event", "job": str(job.id), "event": {
+        "kind": "progress", "stage": "saving", "done_bytes": 50, "total_bytes": 100}})
+    event = await watcher.receive_json_from(timeout=5)
+    assert event["job"]["state"] == "running" and event["job"]["percent"] == 50
+    await agent.send_json_to({"type": "job.result", "job": str(job.id), "state": "failed",
+                              "error": "disk on fire"})
+    assert await agent.receive_json_from(timeout=5) == {"type": "ack", "job": str(job.id)}
+    final = await watcher.receive_json_from(timeout=5)
+    assert final["type"] == "final" and final["job"]["error"] == "disk on fire"
+    await agent.disconnect()
+    await watcher.disconnect()
+
+
+async def test_a_watcher_connecting_mid_job_gets_the_current_state(enrolled, admin_user):
+    agent = await connect_agent(enrolled["hostb"], "hostb")
+    job = await sync_to_async(orchestrate.request_save)(as_request(admin_user), GUEST["uuid"])
+    await agent.receive_json_from(timeout=5)
+    await agent.send_json_to({"type": "job.event", "job": str(job.id), "event": {
+        "kind": "progress", "stage": "saving", "done_bytes": 70, "total_bytes": 100}})
+    await agent.send_json_to({"type": "inventory", "capacity": {}, "guests": [GUEST]})
+    await agent.receive_nothing(timeout=0.3)
+    watcher = jobs_socket(admin_user, f"/ws/jobs/{job.id}/")
+    assert (await watcher.connect())[0]
+    snapshot = await watcher.receive_json_from(timeout=5)
+    assert snapshot["jobs"][0]["percent"] == 70 and snapshot["jobs"][0]["stage"] == "saving"
+    await agent.disconnect()
+    await watcher.disconnect()
+
+
+async def test_auditor_sees_job_states_but_the_socket_is_read_only(enrolled, admin_user,
+                                                                    auditor_user):
+    agent = await connect_agent(enrolled["hostb"], "hostb")
+    job = await sync_to_async(orchestrate.request_save)(as_request(admin_user), GUEST["uuid"])
+    watcher = jobs_socket(auditor_user, f"/ws/jobs/{job.id}/")
+    assert (await watcher.connect())[0]
+    assert (await watcher.receive_json_from())["jobs"][0]["id"] == str(job.id)
+    await watcher.send_json_to({"action": "save", "guest": GUEST["uuid"]})
+    assert (await watcher.receive_json_from())["type"] == "error"
+    assert await Job.objects.acount() == 1
+    await agent.disconnect()
+    await watcher.disconnect()
+
+
+async def test_anonymous_job_sockets_are_refused(enrolled):
+    from django.contrib.auth.models import AnonymousUser
+
+    assert not (await jobs_socket(AnonymousUser()).connect())[0]
+
+
+async def test_outsider_cannot_watch_someone_elses_job(enrolled, admin_user, outsider_user):
+    agent = await connect_agent(enrolled["hostb"], "hostb")
+    job = await sync_to_async(orchestrate.request_save)(as_request(admin_user), GUEST["uuid"])
+    assert not (await jobs_socket(outsider_user, f"/ws/jobs/{job.id}/").connect())[0]
+    await agent.disconnect()
+
+
+async def test_agent_that_vanishes_fails_its_job_after_the_timeout(enrolled, admin_user,
+                                                                   settings):
+    from migrator import inventory
+
+    agent = await connect_agent(enrolled["hostb"], "hostb")
+    job = await sync_to_async(orchestrate.request_save)(as_request(admin_user), GUEST["uuid"])
+    await agent.disconnect()
+    settings.JOB_AGENT_TIMEOUT_SECONDS = 0
+    assert await sync_to_async(inventory.expire_stale_jobs)() == 1
+    job = await Job.objects.aget(id=job.id)
+    assert job.state == JobState.FAILED and "went away" in job.error

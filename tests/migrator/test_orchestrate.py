@@ -1,0 +1,152 @@
+"""The checks before a save or restore changes anything, through the API."""
+import pytest
+
+from migrator import inventory
+from migrator.models import Host, Job
+from portal.accounts import issue_token
+from portal.models import AuditRecord
+from tests.migrator.conftest import GUEST, hello
+from tests.vault.conftest import private_vault, store_image  # noqa: F401  (fixture)
+
+IMAGE_META = {"guest_uuid": "0b6a3d7e-29f5-4c1f-8d0e-3d8c2f7b9a10", "guest_name": "etch",
+              "memory_mib": 128, "architecture": "x86_64", "virt_extensions": "vmx"}
+
+
+@pytest.fixture
+def online(enrolled):
+    """hostb online with one guest, hostc online and empty (as a hello would make them)."""
+    for name, guests in (("hostb", [GUEST]), ("hostc", [])):
+        inventory.connected(Host.objects.get(name=name), f"chan-{name}", hello(name, guests))
+    return enrolled
+
+
+@pytest.fixture
+def sent(monkeypatch):
+    """Commands the portal sent to agents, captured instead of delivered."""
+    commands = []
+    monkeypatch.setattr("migrator.progress.send_to_host",
+                        lambda host, payload: commands.append((host, payload)))
+    return commands
+
+
+@pytest.fixture
+def image(admin_user, private_vault):  # noqa: F811
+    return store_image(admin_user, b"\x00" * 4096 + b"state" * 1000, **IMAGE_META)
+
+
+def test_save_returns_202_with_the_job_and_commands_the_agent(admin_client, online, sent):
+    response = admin_client.post(f"/api/v1/guests/{GUEST['uuid']}/save")
+    assert response.status_code == 202
+    body = response.json()
+    assert body["kind"] == "save" and body["state"] == "queued"
+    assert sent[0][0] == "hostb" and sent[0][1]["job"] == body["id"]
+
+
+def test_save_of_unknown_guest_is_404(admin_client, online, sent):
+    response = admin_client.post("/api/v1/guests/00000000-0000-0000-0000-000000000000/save")
+    assert response.status_code == 404 and sent == []
+
+
+def test_save_on_offline_host_is_409_with_the_reason(admin_client, online, sent):
+    Host.objects.filter(name="hostb").update(online=False)
+    response = admin_client.post(f"/api/v1/guests/{GUEST['uuid']}/save")
+    assert response.status_code == 409
+    assert "offline" in response.json()["detail"] and sent == []
+
+
+def test_second_operation_on_a_busy_guest_is_409(admin_client, online, sent):
+    assert admin_client.post(f"/api/v1/guests/{GUEST['uuid']}/save").status_code == 202
+    response = admin_client.post(f"/api/v1/guests/{GUEST['uuid']}/save")
+    assert response.status_code == 409 and response.json()["error"] == "guest_busy"
+    assert len(sent) == 1
+
+
+def test_auditor_cannot_save(auditor_client, online, sent):
+    assert auditor_client.post(f"/api/v1/guests/{GUEST['uuid']}/save").status_code == 403
+    assert sent == [] and not Job.objects.exists()
+    assert AuditRecord.objects.filter(action="guest.save", outcome="denied").exists()
+
+
+def test_token_needs_the_save_scope(admin_user, online, sent, client):
+    _, token = issue_token(admin_user, ["jobs:read"], days=1)
+    response = client.post(f"/api/v1/guests/{GUEST['uuid']}/save",
+                           HTTP_AUTHORIZATION=f"Token {token}")
+    assert response.status_code == 403
+
+
+def test_restore_returns_202_and_sends_a_download_credential(admin_client, online, sent, image):
+    response = admin_client.post(f"/api/v1/images/{image.id}/restore", {"host": "hostc"},
+                                 content_type="application/json")
+    assert response.status_code == 202, response.json()
+    host, command = sent[0]
+    assert host == "hostc" and command["action"] == "restore"
+    assert command["download"]["url"].endswith(f"/api/v1/images/{image.id}/content")
+
+
+def test_restore_without_permission_is_403_and_audited(outsider_client, online, sent, image):
+    response = outsider_client.post(f"/api/v1/images/{image.id}/restore", {"host": "hostc"},
+                                    content_type="application/json")
+    assert response.status_code == 403 and sent == []
+    assert AuditRecord.objects.filter(target=image.target, outcome="denied").exists()
+
+
+def test_restore_to_unknown_host_is_404(admin_client, online, sent, image):
+    response = admin_client.post(f"/api/v1/images/{image.id}/restore", {"host": "nowhere"},
+                                 content_type="application/json")
+    assert response.status_code == 404 and sent == []
+
+
+def test_restore_to_a_host_without_memory_is_409(admin_client, online, sent, image):
+    Host.objects.filter(name="hostc").update(used_mib=1000)
+    response = admin_client.post(f"/api/v1/images/{image.id}/restore", {"host": "hostc"},
+                                 content_type="application/json")
+    assert response.status_code == 409 and "MiB" in response.json()["detail"]
+
+
+def test_restore_to_a_different_architecture_is_409(admin_client, online, sent, image):
+    Host.objects.filter(name="hostc").update(arch="aarch64")
+    response = admin_client.post(f"/api/v1/images/{image.id}/restore", {"host": "hostc"},
+                                 content_type="application/json")
+    assert response.status_code == 409 and "aarch64" in response.json()["detail"]
+
+
+def test_restore_of_a_guest_already_running_is_409(admin_client, online, sent, image):
+    image.guest_uuid = GUEST["uuid"]
+    image.save()
+    response = admin_client.post(f"/api/v1/images/{image.id}/restore", {"host": "hostc"},
+                                 content_type="application/json")
+    assert response.status_code == 409 and "already running" in response.json()["detail"]
+
+
+def test_restore_with_an_idempotency_key_returns_the_same_job(admin_client, online, sent, image):
+    def post():
+        return admin_client.post(f"/api/v1/images/{image.id}/restore", {"host": "hostc"},
+                                 content_type="application/json", HTTP_IDEMPOTENCY_KEY="abc-1")
+    first, second = post(), post()
+    assert first.json()["id"] == second.json()["id"] and len(sent) == 1
+
+
+def test_jobs_api_lists_and_aborts(admin_client, online, sent):
+    job_id = admin_client.post(f"/api/v1/guests/{GUEST['uuid']}/save").json()["id"]
+    assert admin_client.get("/api/v1/jobs/").json()["results"][0]["id"] == job_id
+    assert admin_client.get(f"/api/v1/jobs/{job_id}").json()["state"] == "queued"
+    assert admin_client.post(f"/api/v1/jobs/{job_id}/abort").status_code == 202
+    assert sent[-1][1] == {"type": "command", "job": job_id, "action": "abort"}
+
+
+def test_hosts_and_guests_api(auditor_client, online):
+    hosts = auditor_client.get("/api/v1/hosts/").json()["results"]
+    assert [h["name"] for h in hosts] == ["hostb", "hostc"] and hosts[0]["online"]
+    guest = auditor_client.get(f"/api/v1/guests/{GUEST['uuid']}").json()
+    assert guest["host"] == "hostb" and guest["domain_ids"][0]["domain_id"] == 1
+
+
+def test_dashboard_shows_hosts_and_guests(admin_client, online):
+    page = admin_client.get("/")
+    assert b"hostb" in page.content and b"debian_etch" in page.content
+    assert b"Save</button>" in page.content
+
+
+def test_auditor_dashboard_has_no_save_button(auditor_client, online):
+    page = auditor_client.get("/")
+    assert b"debian_etch" in page.content and b"Save</button>" not in page.content
