@@ -47,7 +47,7 @@ def enroll(spec: HostSpec, *, actor=None, portal_url=None) -> Path:
     Returns the path of the agent's config file."""
     try:
         pki.validate_host_name(spec.name)
-    except pki.PKIError as exc:
+    except (pki.PKIError, ValueError) as exc:
         raise EnrollmentError(str(exc)) from None
     if Host.objects.filter(name=spec.name).exists():
         raise EnrollmentError(f"host {spec.name} is already enrolled")
