@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint pytest browser-test bench install clean
+.PHONY: demo test lint schema pytest browser-test bench install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,10 +24,14 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# The OpenAPI schema must generate without a single warning.
+schema: $(STAMP)
+	$(PY) manage.py spectacular --validate --fail-on-warn > /dev/null
+
 pytest: $(STAMP)
 	$(PY) -m pytest
 
-test: lint pytest
+test: lint schema pytest
 
 bench: $(STAMP)
 	@ls bench/*.py >/dev/null 2>&1 || { echo "no benchmarks yet"; exit 0; }

@@ -1,5 +1,7 @@
 """/api/v1/ hosts, guests and jobs."""
 from django.shortcuts import get_object_or_404
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import generics, status
 from rest_framework.exceptions import APIException, PermissionDenied
 from rest_framework.permissions import BasePermission
@@ -8,7 +10,12 @@ from rest_framework.views import APIView
 
 from migrator import access, inventory, orchestrate, progress
 from migrator.models import Guest, Host
-from migrator.serializers import GuestSerializer, HostSerializer, RestoreRequestSerializer
+from migrator.serializers import (
+    GuestSerializer,
+    HostSerializer,
+    JobSerializer,
+    RestoreRequestSerializer,
+)
 from vault import access as vault_access
 from vault.api import authorised_image
 
@@ -64,12 +71,17 @@ class GuestDetail(generics.RetrieveAPIView):
 
 
 class GuestSave(APIView):
+    @extend_schema(request=None, responses={202: JobSerializer})
     def post(self, request, uuid):
         return job_response(run(orchestrate.request_save, request, uuid),
                             status.HTTP_202_ACCEPTED)
 
 
 class ImageRestore(APIView):
+    @extend_schema(request=RestoreRequestSerializer, responses={202: JobSerializer},
+                   parameters=[OpenApiParameter(
+                       "Idempotency-Key", OpenApiTypes.STR, OpenApiParameter.HEADER,
+                       description="a retried request with the same key returns the same job")])
     def post(self, request, pk):
         body = RestoreRequestSerializer(data=request.data)
         body.is_valid(raise_exception=True)
@@ -80,22 +92,25 @@ class ImageRestore(APIView):
 
 
 class JobList(generics.ListAPIView):
+    serializer_class = JobSerializer
+
     def get_queryset(self):
         return access.visible_jobs(self.request)
 
     def list(self, request, *args, **kwargs):
         inventory.expire_stale_jobs()
-        page = self.paginate_queryset(self.get_queryset())
-        return self.get_paginated_response([progress.snapshot(j) for j in page])
+        return super().list(request, *args, **kwargs)
 
 
 class JobDetail(APIView):
+    @extend_schema(responses=JobSerializer)
     def get(self, request, pk):
         inventory.expire_stale_jobs()
         return job_response(get_object_or_404(access.visible_jobs(request), pk=pk))
 
 
 class JobAbort(APIView):
+    @extend_schema(request=None, responses={202: JobSerializer})
     def post(self, request, pk):
         job = get_object_or_404(access.visible_jobs(request), pk=pk)
         return job_response(run(orchestrate.request_abort, request, job),

@@ -1,4 +1,5 @@
 """JSON shapes of hosts, guests and jobs."""
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from migrator.models import Guest, Host
@@ -23,6 +24,7 @@ class GuestSerializer(serializers.ModelSerializer):
         fields = ["uuid", "name", "host", "domain_id", "memory_mib", "vcpus", "state",
                   "active", "config", "domain_ids"]
 
+    @extend_schema_field(serializers.ListField(child=serializers.DictField()))
     def get_domain_ids(self, guest):
         return [{"host": r.host_name, "domain_id": r.domain_id, "seen_at": r.seen_at}
                 for r in guest.domain_ids.all()[:20]]
@@ -30,3 +32,37 @@ class GuestSerializer(serializers.ModelSerializer):
 
 class RestoreRequestSerializer(serializers.Serializer):
     host = serializers.CharField(max_length=63)
+
+
+class GuestRefSerializer(serializers.Serializer):
+    uuid = serializers.UUIDField()
+    name = serializers.CharField()
+
+
+class JobSerializer(serializers.Serializer):
+    """A job as progress.snapshot() renders it (also the WebSocket payload)."""
+
+    id = serializers.UUIDField()
+    kind = serializers.ChoiceField(choices=["save", "restore", "migrate"])
+    state = serializers.ChoiceField(choices=["queued", "running", "succeeded", "failed",
+                                             "aborted"])
+    stage = serializers.CharField()
+    done_bytes = serializers.IntegerField()
+    total_bytes = serializers.IntegerField()
+    percent = serializers.IntegerField()
+    guest = GuestRefSerializer()
+    source_host = serializers.CharField(allow_null=True)
+    destination_host = serializers.CharField(allow_null=True)
+    image = serializers.UUIDField(allow_null=True)
+    requester = serializers.CharField(allow_null=True)
+    timeline = serializers.ListField(child=serializers.DictField())
+    result = serializers.DictField()
+    error = serializers.CharField()
+    created_at = serializers.DateTimeField()
+    started_at = serializers.DateTimeField(allow_null=True)
+    finished_at = serializers.DateTimeField(allow_null=True)
+
+    def to_representation(self, job):
+        from migrator.progress import snapshot
+
+        return snapshot(job)

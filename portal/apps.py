@@ -7,3 +7,4 @@ class PortalConfig(AppConfig):
 
     def ready(self):
         from portal import signals  # noqa: F401  (connects login/logout auditing)
+        from portal.api import extensions  # noqa: F401  (OpenAPI auth schemes)

@@ -1,4 +1,7 @@
+from django.contrib.auth.decorators import login_required
 from django.urls import include, path, re_path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitView
+from rest_framework.permissions import IsAuthenticated
 
 from portal.views import audit, auth, dashboard, people
 
@@ -13,6 +16,12 @@ urlpatterns = [
     path("vault/", include("vault.urls")),
     path("jobs/", include("migrator.urls")),
     path("api/v1/", include("portal.api.urls")),
+    # The schema and its Swagger UI (served from the sidecar, no CDN; the split
+    # view keeps the script out of the page, as the CSP requires).
+    path("api/schema/", SpectacularAPIView.as_view(permission_classes=[IsAuthenticated]),
+         name="schema"),
+    path("api/docs/", login_required(SpectacularSwaggerSplitView.as_view(url_name="schema")),
+         name="api-docs"),
 ]
 
 handler403 = "portal.views.errors.forbidden"

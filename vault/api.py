@@ -1,6 +1,7 @@
 """The vault under /api/v1/images/ (upload is vault.upload, download vault.download)."""
 from django import forms
 from django.shortcuts import get_object_or_404
+from drf_spectacular.utils import extend_schema
 from rest_framework import generics, status
 from rest_framework.exceptions import PermissionDenied, ValidationError
 from rest_framework.response import Response
@@ -10,7 +11,7 @@ from portal import audit
 from portal.models import Outcome
 from vault import access, grants, service
 from vault.models import SavedImage
-from vault.serializers import GrantSerializer, SavedImageSerializer
+from vault.serializers import GrantSerializer, SavedImageSerializer, VerifyResultSerializer
 
 
 class ImageFilter(forms.Form):
@@ -78,6 +79,7 @@ class ImageList(generics.ListAPIView):
                                       "filters": request.query_params.dict()})
         return response
 
+    @extend_schema(exclude=True)  # described by portal.api.schema (a raw ASGI endpoint)
     def post(self, request):
         # Reached only when the raw streaming app is bypassed (e.g. WSGI).
         return Response({"error": "unsupported", "detail": "Upload through the ASGI server "
@@ -89,9 +91,11 @@ class ImageDetail(APIView):
     permission_classes = [access.AuditedImagePermission]
     audit_action = {"GET": "view", "DELETE": "delete"}
 
+    @extend_schema(responses=SavedImageSerializer)
     def get(self, request, pk):
         return Response(SavedImageSerializer(authorised_image(request, pk, "view")).data)
 
+    @extend_schema(responses={204: None})
     def delete(self, request, pk):
         service.delete(authorised_image(request, pk, "delete"), request)
         return Response(status=status.HTTP_204_NO_CONTENT)
@@ -101,6 +105,8 @@ class ImageVerify(APIView):
     permission_classes = [access.AuditedImagePermission]
     audit_action = {"POST": "verify"}
 
+    @extend_schema(request=None, responses={200: VerifyResultSerializer,
+                                            422: VerifyResultSerializer})
     def post(self, request, pk):
         image = authorised_image(request, pk, "view")
         ok, reason = service.verify(image, request=request)
@@ -112,12 +118,15 @@ class ImageGrants(APIView):
     permission_classes = [access.AuditedImagePermission]
     audit_action = {"GET": "view", "POST": "grant", "DELETE": "revoke"}
 
+    @extend_schema(responses=GrantSerializer(many=True))
     def get(self, request, pk):
         return Response(grants.list_grants(authorised_image(request, pk, "view")))
 
+    @extend_schema(request=GrantSerializer, responses={201: GrantSerializer(many=True)})
     def post(self, request, pk):
         return self._change(request, pk, add=True)
 
+    @extend_schema(request=GrantSerializer, responses=GrantSerializer(many=True))
     def delete(self, request, pk):
         return self._change(request, pk, add=False)
 

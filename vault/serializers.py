@@ -27,3 +27,9 @@ class GrantSerializer(serializers.Serializer):
         if bool(attrs.get("user")) == bool(attrs.get("group")):
             raise serializers.ValidationError("Name exactly one of 'user' or 'group'.")
         return attrs
+
+
+class VerifyResultSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    ok = serializers.BooleanField()
+    reason = serializers.CharField(allow_blank=True)

@@ -1,4 +1,4 @@
-"""Job results that the portal has not acknowledged yet.
+"""What the agent keeps on disk: unacknowledged job results, guest identities.
 
 A result is the one thing about a job the portal must not miss (progress
 events are disposable), and jobs keep running while the portal is away or
@@ -7,6 +7,11 @@ restarting.  So every result is kept in memory *and* in
 ``hello`` carries what is still pending.  The file is rewritten atomically
 (temporary file, fsync, rename) with mode 0600: a crash leaves the old or the
 new list, never half of one.
+
+`HostState` (``state_dir/state.json``) remembers the UUID given to a config
+guest that has none, so the guest keeps its identity across agent restarts,
+and which guests left this host (saved into the vault), so a restart does
+not boot a second copy of a guest whose image may be restored elsewhere.
 
 Django-free.
 """
@@ -17,6 +22,7 @@ import json
 import logging
 import os
 import threading
+import uuid as uuidlib
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +93,53 @@ class Outbox:
             return
         data = json.dumps(list(self._results.values()), indent=1).encode("utf-8")
         write_atomic(self._path, data)
+
+
+class HostState:
+    """Thread-safe; written atomically like the outbox."""
+
+    FILE_NAME = "state.json"
+
+    def __init__(self, state_dir: str | os.PathLike[str] | None):
+        self._path = Path(state_dir) / self.FILE_NAME if state_dir is not None else None
+        self._lock = threading.Lock()
+        self._uuids: dict[str, str] = {}
+        self._departed: set[str] = set()
+        self._load()
+
+    def uuid_for(self, name: str) -> str:
+        """The stable UUID of a config guest without one (made on first use)."""
+        with self._lock:
+            if name not in self._uuids:
+                self._uuids[name] = str(uuidlib.uuid4())
+                self._save()
+            return self._uuids[name]
+
+    def is_departed(self, uuid: str) -> bool:
+        with self._lock:
+            return uuid in self._departed
+
+    def set_departed(self, uuid: str, departed: bool) -> None:
+        with self._lock:
+            if departed == (uuid in self._departed):
+                return
+            (self._departed.add if departed else self._departed.discard)(uuid)
+            self._save()
+
+    def _load(self) -> None:
+        if self._path is None or not self._path.exists():
+            return
+        try:
+            data = json.loads(self._path.read_text(encoding="utf-8"))
+            self._uuids = {str(k): str(v) for k, v in data.get("guest_uuids", {}).items()}
+            self._departed = {str(u) for u in data.get("departed", [])}
+        except (OSError, ValueError, AttributeError) as exc:
+            raise OSError(f"agent state {self._path} is unreadable: {exc}") from None
+
+    def _save(self) -> None:  # caller holds the lock
+        if self._path is not None:
+            data = {"guest_uuids": self._uuids, "departed": sorted(self._departed)}
+            write_atomic(self._path, json.dumps(data, indent=1).encode("utf-8"))
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:

@@ -161,29 +161,25 @@ def _send_body(conn: http.client.HTTPConnection, url: str, pieces: Iterable[byte
 
 def _early_answer(conn: http.client.HTTPConnection) -> HttpError | None:
     try:
-        status, body = _read_answer(conn)
+        resp = conn.getresponse()
+        status, reason, body = resp.status, resp.reason, resp.read(MAX_ANSWER_BYTES)
     except (OSError, http.client.HTTPException):
         return None
-    return _http_error(status, body) if not 200 <= status < 300 else None
+    return _http_error(status, reason, body) if not 200 <= status < 300 else None
 
 
 def _answer(conn: http.client.HTTPConnection, url: str) -> tuple[int, Any]:
     try:
-        status, body = _read_answer(conn)
+        resp = conn.getresponse()
+        status, reason, body = resp.status, resp.reason, resp.read(MAX_ANSWER_BYTES)
     except (OSError, http.client.HTTPException) as exc:
         raise TransferError(f"no answer from {_where(url)}: {_why(exc)}") from None
     if not 200 <= status < 300:
-        raise _http_error(status, body)
+        raise _http_error(status, reason, body)
     return status, _json(body)
 
 
-def _read_answer(conn: http.client.HTTPConnection) -> tuple[int, tuple[str, bytes]]:
-    resp = conn.getresponse()
-    return resp.status, (resp.reason, resp.read(MAX_ANSWER_BYTES))
-
-
-def _http_error(status: int, body: tuple[str, bytes]) -> HttpError:
-    reason, raw = body
+def _http_error(status: int, reason: str, raw: bytes) -> HttpError:
     decoded = _json(raw)
     detail = ""
     if isinstance(decoded, dict) and decoded.get("detail"):
@@ -254,7 +250,7 @@ def download(url: str, *, headers: Mapping[str, str], ca: str = "",
         conn.endheaders()
         resp = conn.getresponse()
         if resp.status != 200:
-            raise _http_error(resp.status, (resp.reason, resp.read(MAX_ANSWER_BYTES)))
+            raise _http_error(resp.status, resp.reason, resp.read(MAX_ANSWER_BYTES))
     except (OSError, http.client.HTTPException) as exc:
         _close(conn, cancel)
         raise TransferError(f"cannot download from {_where(url)}: {_why(exc)}") from None
