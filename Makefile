@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint schema pytest browser-test bench install clean
+.PHONY: demo test lint schema deploy-check pytest browser-test bench install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,10 +28,14 @@ lint: $(STAMP)
 schema: $(STAMP)
 	$(PY) manage.py spectacular --validate --fail-on-warn > /dev/null
 
+# Django's deployment checks under the production settings of docs/operations.md.
+deploy-check: $(STAMP)
+	BERTH_TLS=1 BERTH_DEBUG=0 $(PY) manage.py check --deploy --fail-level WARNING
+
 pytest: $(STAMP)
 	$(PY) -m pytest
 
-test: lint schema pytest
+test: lint schema deploy-check pytest
 
 bench: $(STAMP)
 	@ls bench/*.py >/dev/null 2>&1 || { echo "no benchmarks yet"; exit 0; }
