@@ -129,6 +129,7 @@ class Agent:
         self._sent_at: dict[str, float] = {}
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
+        self._stop_requested = threading.Event()  # stop() before the loop exists
         self.connected = threading.Event()  # set while a connection is up (tests wait on it)
         self.attempts = 0      # connection attempts so far
         self.connections = 0   # successful handshakes so far
@@ -153,6 +154,7 @@ class Agent:
 
     def stop(self, timeout: float | None = 30.0) -> None:
         """Thread-safe.  Ask the agent to stop; wait for `start()`'s thread."""
+        self._stop_requested.set()
         loop, stop_event = self._loop, self._stop_event
         if loop is not None and stop_event is not None:
             with contextlib.suppress(RuntimeError):  # loop already closed
@@ -163,9 +165,14 @@ class Agent:
     async def _main(self, handle_signals: bool) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop_event = asyncio.Event()
+        if self._stop_requested.is_set():
+            self._stop_event.set()
         if handle_signals:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._loop.add_signal_handler(sig, self._stop_event.set)
+        log.info("agent %s starting: portal %s, driver %s, %d config guest(s), state in %s",
+                 self.config.host.name, self.config.portal.ws_url, self.config.host.driver,
+                 len(self.config.guests), self.config.host.state_dir)
         try:
             try:
                 await asyncio.to_thread(self.boot_guests)
