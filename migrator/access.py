@@ -34,6 +34,6 @@ def can_view_job(user, job) -> bool:
 
 def can_operate(request, action) -> bool:
     """Save, migrate and abort are admin actions; restore is checked per image."""
-    if action != "restore" and not roles.is_admin(request.user):
+    if action != "restore" and not roles.acts_as_admin(request):
         return False
     return roles.token_allows(request, OPERATE_SCOPES[action])

@@ -47,6 +47,17 @@ def is_auditor(user) -> bool:
     return role_of(user) == AUDITOR
 
 
+def acts_as_admin(request) -> bool:
+    """An admin *action*: the admin role plus, for browser sessions, a verified
+    second factor (tokens are issued only from verified sessions)."""
+    if not is_admin(request.user):
+        return False
+    token = getattr(request, "auth", None)
+    if token is not None or not settings.REQUIRE_2FA:
+        return True
+    return bool(getattr(request.user, "is_verified", lambda: False)())
+
+
 def can_read_audit(user) -> bool:
     return role_of(user) in {ADMIN, AUDITOR}
 
@@ -75,6 +86,18 @@ def role_required(check):
 
 
 admin_required = role_required(is_admin)
+
+
+def admin_action_required(view):
+    """Page decorator for admin actions: role and verified second factor."""
+    @wraps(view)
+    def wrapped(request, *args, **kwargs):
+        if not request.user.is_authenticated:
+            return redirect_to_login(request.get_full_path())
+        if not acts_as_admin(request):
+            raise PermissionDenied("This needs the admin role and a verified second factor.")
+        return view(request, *args, **kwargs)
+    return wrapped
 reader_required = role_required(can_read_audit)
 
 
@@ -101,6 +124,10 @@ def token_allows(request, scope) -> bool:
 
 
 def role_context(request):
-    """Template context: the signed-in user's role for navigation."""
+    """Template context: the role for navigation, and whether an admin must
+    still verify a second factor before acting."""
     user = getattr(request, "user", None)
-    return {"berth_role": role_of(user) if user is not None else None}
+    role = role_of(user) if user is not None else None
+    needs_2fa = (role == ADMIN and settings.REQUIRE_2FA
+                 and not getattr(user, "is_verified", lambda: False)())
+    return {"berth_role": role, "berth_needs_2fa": needs_2fa}

@@ -61,6 +61,9 @@ INSTALLED_APPS = [
     "drf_spectacular_sidecar",
     "knox",
     "guardian",
+    "django_otp",
+    "django_otp.plugins.otp_totp",
+    "django_otp.plugins.otp_static",
     "channels",
     "portal",
     "vault",
@@ -75,6 +78,7 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django_otp.middleware.OTPMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
@@ -169,6 +173,11 @@ if env_bool("BEHIND_PROXY"):
 SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
 X_FRAME_OPTIONS = "DENY"
+
+# Second factor (TOTP + backup codes). Admin actions need a verified second
+# factor; BERTH_REQUIRE_2FA=0 relaxes that, for the demo only.
+REQUIRE_2FA = env_bool("REQUIRE_2FA", True)
+OTP_TOTP_ISSUER = "Berth"
 
 # Roles are groups; see portal/roles.py.
 ROLE_ADMINS = "admins"

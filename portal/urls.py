@@ -3,12 +3,14 @@ from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitView
 from rest_framework.permissions import IsAuthenticated
 
-from portal.views import audit, auth, dashboard, people
+from portal.views import audit, auth, dashboard, people, twofactor
 
 urlpatterns = [
     path("", dashboard.dashboard, name="dashboard"),
     path("login/", auth.LoginView.as_view(), name="login"),
     path("logout/", auth.LogoutView.as_view(), name="logout"),
+    path("login/verify/", twofactor.verify, name="2fa-verify"),
+    path("account/2fa/", twofactor.setup, name="2fa-setup"),
     path("audit/", audit.audit_list, name="audit"),
     path("audit/verify", audit.audit_verify, name="audit-verify"),
     re_path(r"^audit/export\.(?P<fmt>jsonl|csv)$", audit.audit_export, name="audit-export"),

@@ -28,8 +28,28 @@ def _client_for(user):
     return client
 
 
+def verify_second_factor(client, user):
+    """Give ``user`` an authenticator and mark the client's session verified with it."""
+    from django_otp import DEVICE_ID_SESSION_KEY
+    from django_otp.plugins.otp_totp.models import TOTPDevice
+
+    device = TOTPDevice.objects.create(user=user, name="test", confirmed=True)
+    session = client.session
+    session[DEVICE_ID_SESSION_KEY] = device.persistent_id
+    session.save()
+    return device
+
+
 @pytest.fixture
 def admin_client(admin_user):
+    """An admin whose session has a verified second factor, as admin actions need."""
+    client = _client_for(admin_user)
+    verify_second_factor(client, admin_user)
+    return client
+
+
+@pytest.fixture
+def unverified_admin_client(admin_user):
     return _client_for(admin_user)
 
 

@@ -31,6 +31,10 @@ class ImageAccessDenied(PermissionDenied):
     """Raised after the refusal has been audited."""
 
 
+# Admin actions need a verified second factor from admins, however they hold them.
+SECOND_FACTOR_ACTIONS = {"restore", "delete"}
+
+
 def _role_allows(user, action) -> bool:
     role = roles.role_of(user)
     if role == roles.ADMIN and settings.VAULT_ADMINS_HOLD_ALL:
@@ -58,6 +62,9 @@ def can(request, action, image) -> bool:
     if not user.is_authenticated or not user.is_active:
         return False
     if not _token_allows(request, action, image):
+        return False
+    if action in SECOND_FACTOR_ACTIONS and roles.is_admin(user) and \
+            not roles.acts_as_admin(request):
         return False
     return _role_allows(user, action) or user.has_perm(PERMISSIONS[action], image)
 
@@ -96,13 +103,13 @@ def _token_scope_ok(request, action) -> bool:
 
 def can_upload(request) -> bool:
     """Saving images into the vault is an admin action (scope ``images:write`` for tokens)."""
-    if not roles.is_admin(request.user):
+    if not roles.acts_as_admin(request):
         return False
     return roles.token_allows(request, "images:write")
 
 
 def can_grant(request) -> bool:
-    return roles.is_admin(request.user) and getattr(request, "auth", None) is None
+    return roles.acts_as_admin(request) and getattr(request, "auth", None) is None
 
 
 def refuse_anonymous(request, action, image_id=None):

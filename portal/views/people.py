@@ -3,6 +3,7 @@ from django import forms
 from django.contrib import messages
 from django.contrib.auth import get_user_model
 from django.contrib.auth.password_validation import validate_password
+from django.core.exceptions import PermissionDenied
 from django.shortcuts import redirect, render
 
 from portal import audit, roles
@@ -30,6 +31,10 @@ class NewUserForm(forms.Form):
 @admin_required
 def people(request):
     form = NewUserForm(request.POST or None)
+    if request.method == "POST" and not roles.acts_as_admin(request):
+        audit.record_request(request, "user.create", target="people", outcome="denied",
+                             details={"reason": "second factor not verified"})
+        raise PermissionDenied("Verify your second factor before creating accounts.")
     if request.method == "POST" and form.is_valid():
         data = form.cleaned_data
         user = get_user_model().objects.create_user(data["username"], password=data["password"])

@@ -18,9 +18,12 @@ def private_vault(settings, tmp_path):
     service.reset_caches()
 
 
-def request_as(user, path="/"):
+def request_as(user, path="/", verified=True):
+    """A request by ``user``; ``verified`` stands for a session past its second factor."""
     request = RequestFactory().get(path, REMOTE_ADDR="127.0.0.1")
     request.user = user
+    if user.is_authenticated:
+        user.is_verified = lambda: verified
     return request
 
 

@@ -5,7 +5,7 @@ from django.test import Client
 
 from portal.accounts import create_user
 from portal.models import AuditRecord
-from tests.conftest import PASSWORD
+from tests.conftest import PASSWORD, verify_second_factor
 from tests.vault.conftest import request_as, store_image
 from vault import access
 
@@ -36,10 +36,12 @@ def image(people):
     return store_image(people["owner"], b"\x01" * 10000)
 
 
-def client_for(people, who):
+def client_for(people, who, verified=True):
     client = Client()
     if who != "anonymous":
         client.force_login(people[who])
+    if verified and who in ("owner", "other_admin"):
+        verify_second_factor(client, people[who])
     return client
 
 
@@ -148,3 +150,14 @@ def test_unknown_image_is_404(people):
     response = client_for(people, "owner").get(
         "/api/v1/images/00000000-0000-0000-0000-000000000000")
     assert response.status_code == 404
+
+
+def test_admin_without_second_factor_cannot_delete_restore_or_grant(people, image):
+    request = request_as(people["owner"], verified=False)
+    assert access.can(request, "view", image) and access.can(request, "download", image)
+    assert not access.can(request, "restore", image)
+    assert not access.can(request, "delete", image)
+    assert not access.can_grant(request)
+    client = client_for(people, "owner", verified=False)
+    assert client.delete(f"/api/v1/images/{image.id}").status_code == 403
+    assert AuditRecord.objects.filter(action="image.delete", outcome="denied").exists()
