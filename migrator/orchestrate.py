@@ -103,7 +103,8 @@ def request_restore(request, image, host_name, idempotency_key="") -> Job:
     progress.send_to_host(host.name, {
         "type": "command", "job": str(job.id), "action": "restore",
         "image": {"id": str(image.id), "sha256": image.sha256,
-                  "plaintext_size": image.plaintext_size, "guest_uuid": str(image.guest_uuid)},
+                  "plaintext_size": image.plaintext_size, "guest_uuid": str(image.guest_uuid),
+                  "memory_mib": image.memory_mib},
         "download": {"url": f"{settings.PORTAL_URL}/api/v1/images/{image.id}/content",
                      "credential": secret}})
     progress.publish(job, "state")

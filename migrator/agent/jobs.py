@@ -207,6 +207,8 @@ class SaveJob(Job):
         self.stage("pausing")
         d.pause(uuid)
         try:
+            # Recorded so anyone can check a restore against the paused original.
+            memory_sha256 = d.memory_digest(uuid)
             self.check_abort()
             length, digest = self._measure()
             image = self._upload(info, length, digest)
@@ -219,7 +221,7 @@ class SaveJob(Job):
         except HypervisorError as exc:  # the image is safe; report it anyway
             log.error("job %s: image %s stored but guest %s not removed: %s",
                       self.id, image, info.name, exc)
-        return {"image": image}
+        return {"image": image, "memory_sha256": memory_sha256}
 
     def _measure(self) -> tuple[int, str]:
         """Pass 1: length and SHA-256 of the stream, nothing stored.  The
@@ -329,7 +331,7 @@ class RestoreJob(Job):
             with transfer.download(self.url, headers={"Authorization": f"Job {self._credential}"},
                                    ca=self.ca, timeout=self.timeout, cancel=self.cancel) as dl:
                 progress = Progress(self.emit, "restoring", dl.length or self.size)
-                info = self.driver.restore_stream(self._verified(dl, progress), start=True)
+                info = self.driver.restore_stream(self._verified(dl, progress), start=False)
                 progress.finish()
         except transfer.HttpError as exc:
             raise JobFailed(f"the portal refused the download: {exc}") from None
@@ -338,7 +340,10 @@ class RestoreJob(Job):
         except SaveStreamError as exc:
             raise JobFailed(f"image {self.image_id} is damaged or not a save stream "
                             f"({type(exc).__name__}): {exc}") from None
-        return {"guest": guest_json(info)}
+        # The digest of the memory as restored, before the workload touches it.
+        memory_sha256 = self.driver.memory_digest(info.uuid)
+        self.driver.resume(info.uuid)
+        return {"guest": guest_json(self.driver.get(info.uuid)), "memory_sha256": memory_sha256}
 
     def _precheck(self) -> None:
         """Refuse before downloading what the driver would refuse anyway

@@ -1,4 +1,5 @@
 """The agent against a fake portal: connection, hello, save, restore, outbox."""
+import hashlib
 import json
 import logging
 import os
@@ -103,7 +104,8 @@ def test_save_uploads_the_paused_memory_and_destroys_the_guest(portal, images, m
     result = portal.result(command["job"])
     assert result["state"] == "succeeded", result
     ((headers, body),) = images.uploads
-    assert result["result"] == {"image": next(iter(images.images))}
+    assert result["result"]["image"] == next(iter(images.images))
+    assert result["result"]["memory_sha256"] == hashlib.sha256(at_pause["memory"]).hexdigest()
     assert at_pause["state"] is GuestState.SAVING
     parsed = parse_stream([body])
     assert parsed.header.uuid == info.uuid
