@@ -122,6 +122,7 @@ def record_result(host, message):
     result = message.get("result") or {}
     if state == JobState.SUCCEEDED:
         job.finish(result)
+        _apply_outcome(host, job, result)
     elif state == JobState.ABORTED:
         job.abort(error or "aborted")
     else:
@@ -130,6 +131,18 @@ def record_result(host, message):
     _audit_outcome(host, job)
     transaction.on_commit(lambda: progress.publish(job, "final"))
     return job_id
+
+
+def _apply_outcome(host, job, result):
+    """Make the guest rows agree with a finished job at once, not at the next inventory."""
+    if job.kind == JobKind.SAVE:
+        Guest.objects.filter(uuid=job.guest_uuid, host=host).update(
+            host=None, domain_id=None, state="saved", active=False)
+    elif job.kind == JobKind.RESTORE and isinstance(result.get("guest"), dict):
+        try:
+            _upsert_guest(host, result["guest"])
+        except (KeyError, TypeError, ValueError):
+            log.warning("ignoring malformed guest in %s's result for job %s", host.name, job.id)
 
 
 def _audit_outcome(host, job):
