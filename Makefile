@@ -19,7 +19,8 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py collectstatic --noinput --verbosity 0
-	$(PY) manage.py demo
+	@echo "Demo: admin actions do not ask for a second factor (BERTH_REQUIRE_2FA=0); see README."
+	BERTH_REQUIRE_2FA=$${BERTH_REQUIRE_2FA:-0} $(PY) manage.py demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
