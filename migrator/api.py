@@ -8,12 +8,13 @@ from rest_framework.permissions import BasePermission
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from migrator import access, inventory, orchestrate, progress
+from migrator import access, inventory, migration, orchestrate, progress
 from migrator.models import Guest, Host
 from migrator.serializers import (
     GuestSerializer,
     HostSerializer,
     JobSerializer,
+    MigrateRequestSerializer,
     RestoreRequestSerializer,
 )
 from vault import access as vault_access
@@ -75,6 +76,17 @@ class GuestSave(APIView):
     def post(self, request, uuid):
         return job_response(run(orchestrate.request_save, request, uuid),
                             status.HTTP_202_ACCEPTED)
+
+
+class GuestMigrate(APIView):
+    @extend_schema(request=MigrateRequestSerializer, responses={202: JobSerializer})
+    def post(self, request, uuid):
+        body = MigrateRequestSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        data = dict(body.validated_data)
+        destination = data.pop("destination")
+        job = run(migration.request_migrate, request, uuid, destination, **data)
+        return job_response(job, status.HTTP_202_ACCEPTED)
 
 
 class ImageRestore(APIView):

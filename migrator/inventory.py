@@ -94,19 +94,62 @@ def _job_of(host, job_id):
     return job
 
 
+# How far a migration is, by stage: the bar moves on stages and rounds, never back.
+MIGRATION_PROGRESS = {"pre-migration": 0.02, "reservation": 0.05, "pre-copy": 0.10,
+                      "stop-and-copy": 0.85, "commitment": 0.95, "activation": 0.98}
+ROUND_FIELDS = ("round", "pages_sent", "dirty_pages", "dirty_rate", "bandwidth_mbps",
+                "expected_downtime_ms", "elapsed", "bytes_sent", "throttle")
+
+
 @transaction.atomic
 def record_event(host, message):
     job = _job_of(host, message.get("job"))
     event = message.get("event") or {}
     if job is None or job.is_final:
         return
+    kind = str(event.get("kind", "progress"))
+    if job.kind == JobKind.MIGRATE and host.id == job.destination_host_id:
+        _destination_event(job, kind, event)
+    else:
+        _apply_event(job, kind, event)
+    job.save()
+    transaction.on_commit(lambda: progress.publish(job, kind, {"event": _public(event)}))
+
+
+def _public(event):
+    return {k: v for k, v in event.items() if k != "ticket"}
+
+
+def _apply_event(job, kind, event):
     job.start()
     if event.get("stage"):
         job.enter_stage(str(event["stage"])[:32])
-    if "done_bytes" in event:
+    if job.kind == JobKind.MIGRATE:
+        _migration_progress(job, kind, event)
+    elif "done_bytes" in event:
         job.record_progress(int(event["done_bytes"]), int(event.get("total_bytes") or 0))
-    job.save()
-    transaction.on_commit(lambda: progress.publish(job, event.get("kind", "progress")))
+
+
+def _migration_progress(job, kind, event):
+    fraction = MIGRATION_PROGRESS.get(job.stage, 0)
+    if kind == "round":
+        entry = {k: event[k] for k in ROUND_FIELDS if k in event}
+        job.rounds = [*job.rounds, entry]
+        fraction = 0.10 + 0.70 * (1 - 0.5 ** int(event.get("round", 1)))
+    job.record_progress(int(fraction * job.total_bytes), job.total_bytes)
+
+
+def _destination_event(job, kind, event):
+    """The destination speaks about its side: ready for the guest, or what happened."""
+    from migrator.migration import destination_ready
+
+    if kind == "expecting":
+        job.start()
+        transaction.on_commit(lambda: destination_ready(Job.objects.select_related(
+            "source_host", "destination_host").get(id=job.id)))
+    elif event.get("stage"):
+        job.timeline = [*job.timeline, {"stage": f"destination: {event['stage']}"[:60],
+                                        "at": timezone.now().isoformat()}]
 
 
 @transaction.atomic
@@ -138,9 +181,11 @@ def _apply_outcome(host, job, result):
     if job.kind == JobKind.SAVE:
         Guest.objects.filter(uuid=job.guest_uuid, host=host).update(
             host=None, domain_id=None, state="saved", active=False)
-    elif job.kind == JobKind.RESTORE and isinstance(result.get("guest"), dict):
+    elif job.kind in (JobKind.RESTORE, JobKind.MIGRATE) and isinstance(result.get("guest"),
+                                                                        dict):
+        owner = job.destination_host if job.kind == JobKind.MIGRATE else host
         try:
-            _upsert_guest(host, result["guest"])
+            _upsert_guest(owner, result["guest"])
         except (KeyError, TypeError, ValueError):
             log.warning("ignoring malformed guest in %s's result for job %s", host.name, job.id)
 

@@ -139,6 +139,13 @@ class Job(models.Model):
     done_bytes = models.BigIntegerField(default=0)
     total_bytes = models.BigIntegerField(default=0)
     timeline = models.JSONField(default=list, blank=True)
+    # Live migration: one entry per pre-copy round (the job page's chart), and
+    # the parameters it runs with (stop conditions, live or not).
+    rounds = models.JSONField(default=list, blank=True)
+    parameters = models.JSONField(default=dict, blank=True)
+    # The single-use relocation ticket, held only until the source is told to
+    # start (so whichever portal process hears "expecting" can pass it on).
+    pending_ticket = models.CharField(max_length=64, blank=True)
     result = models.JSONField(default=dict, blank=True)
     error = models.TextField(blank=True)
     idempotency_key = models.CharField(max_length=200, blank=True, db_index=True)

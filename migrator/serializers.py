@@ -34,6 +34,15 @@ class RestoreRequestSerializer(serializers.Serializer):
     host = serializers.CharField(max_length=63)
 
 
+class MigrateRequestSerializer(serializers.Serializer):
+    destination = serializers.CharField(max_length=63)
+    live = serializers.BooleanField(default=True)
+    downtime_ms = serializers.IntegerField(min_value=1, max_value=60000, required=False)
+    max_rounds = serializers.IntegerField(min_value=1, max_value=1000, required=False)
+    max_data_factor = serializers.FloatField(min_value=1.0, max_value=100.0, required=False)
+    auto_converge = serializers.BooleanField(required=False)
+
+
 class GuestRefSerializer(serializers.Serializer):
     uuid = serializers.UUIDField()
     name = serializers.CharField()
@@ -56,6 +65,8 @@ class JobSerializer(serializers.Serializer):
     image = serializers.UUIDField(allow_null=True)
     requester = serializers.CharField(allow_null=True)
     timeline = serializers.ListField(child=serializers.DictField())
+    rounds = serializers.ListField(child=serializers.DictField())
+    parameters = serializers.DictField()
     result = serializers.DictField()
     error = serializers.CharField()
     created_at = serializers.DateTimeField()

@@ -8,5 +8,6 @@ urlpatterns = [
     path("<uuid:pk>/abort", views.job_abort, name="job-abort"),
     path("guests/<uuid:uuid>/", views.guest_detail, name="guest"),
     path("guests/<uuid:uuid>/save", views.guest_save, name="guest-save"),
+    path("guests/<uuid:uuid>/migrate", views.guest_migrate, name="guest-migrate"),
     path("restore/<uuid:pk>", views.image_restore, name="image-restore"),
 ]

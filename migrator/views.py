@@ -4,7 +4,7 @@ from django.contrib.auth.decorators import login_required
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
-from migrator import access, inventory, orchestrate
+from migrator import access, inventory, migration, orchestrate
 from migrator.models import Guest, Host
 from portal.roles import reader_required
 from vault import access as vault_access
@@ -55,6 +55,24 @@ def _run(request, operation, *args):
 def guest_save(request, uuid):
     job = _run(request, orchestrate.request_save, uuid)
     return redirect("job", pk=job.id) if job else redirect("dashboard")
+
+
+@reader_required
+def guest_migrate(request, uuid):
+    """Choose a destination, see the pre-check, confirm."""
+    guest = get_object_or_404(Guest.objects.select_related("host"), uuid=uuid)
+    if request.method == "POST":
+        live = request.POST.get("live", "1") == "1"
+        job = _run(request, migration.request_migrate, uuid, request.POST.get("destination", ""),
+                   live=live)
+        return redirect("job", pk=job.id) if job else redirect("guest-migrate", uuid=uuid)
+    destinations = Host.objects.exclude(id=guest.host_id).filter(revoked_at__isnull=True)
+    chosen = destinations.filter(name=request.GET.get("destination", "")).first()
+    checks = migration.precheck(guest, chosen) if chosen else []
+    return render(request, "migrator/migrate.html", {
+        "guest": guest, "destinations": destinations, "chosen": chosen, "checks": checks,
+        "all_ok": bool(checks) and all(ok for _, ok, _ in checks),
+        "can_migrate": access.can_operate(request, "migrate")})
 
 
 @login_required

@@ -247,6 +247,13 @@ PORTAL_URL = env("PORTAL_URL", "http://127.0.0.1:8000")
 # A running job whose agent has been silent this long is failed, with the reason.
 JOB_AGENT_TIMEOUT_SECONDS = env_int("JOB_AGENT_TIMEOUT_SECONDS", 60)
 
+# Live migration stop conditions (Xen's spirit: 30 rounds, 3x memory), per
+# migration overridable.
+MIGRATION_DOWNTIME_MS = env_int("MIGRATION_DOWNTIME_MS", 300)
+MIGRATION_MAX_ROUNDS = env_int("MIGRATION_MAX_ROUNDS", 30)
+MIGRATION_MAX_DATA_FACTOR = float(env("MIGRATION_MAX_DATA_FACTOR", "3.0"))
+MIGRATION_AUTO_CONVERGE = env_bool("MIGRATION_AUTO_CONVERGE", True)
+
 # --- static files -------------------------------------------------------------
 STATIC_URL = "static/"
 STATIC_ROOT = DATA_DIR / "static"

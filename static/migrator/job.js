@@ -28,6 +28,20 @@
       li.appendChild(at);
       return li;
     }));
+    var chart = document.getElementById("rounds-chart");
+    if (chart && window.BerthChart) window.BerthChart.draw(chart, job.rounds || []);
+    var final = document.getElementById("migration-final");
+    if (final && job.result && job.result.total_time_s !== undefined) {
+      final.replaceChildren();
+      [["total time", job.result.total_time_s + " s"], ["downtime", job.result.downtime_ms + " ms"],
+       ["bytes sent", job.result.bytes_sent + " (" + job.result.bytes_per_memory + " × memory)"],
+       ["rounds", job.result.rounds], ["stop-and-copy because", job.result.stop_reason]]
+        .forEach(function (row) {
+          var dt = document.createElement("dt"); dt.textContent = row[0];
+          var dd = document.createElement("dd"); dd.textContent = String(row[1]);
+          final.appendChild(dt); final.appendChild(dd);
+        });
+    }
     if (["succeeded", "failed", "aborted"].indexOf(job.state) >= 0) {
       var abort = document.getElementById("abort-form");
       if (abort) abort.hidden = true;
