@@ -11,8 +11,8 @@ from django.conf import settings
 from django.db import transaction
 
 from migrator import access, progress
-from migrator.models import Guest, Host, Job, JobKind
-from migrator.orchestrate import OperationError, _not_busy, _online_host, _refuse
+from migrator.models import Host, Job, JobKind
+from migrator.orchestrate import _not_busy, _online_host, _refuse, running_guest
 
 TICKET_SECONDS = 300
 
@@ -74,13 +74,7 @@ def request_migrate(request, guest_uuid, destination_name, **overrides) -> Job:
                 "Migrating guests needs the admin role and a verified second factor "
                 "(guests:migrate for tokens).")
     with transaction.atomic():
-        guest = Guest.objects.select_for_update().select_related("host").filter(
-            uuid=guest_uuid).first()
-        if guest is None:
-            raise OperationError(404, "not_found", "No such guest.")
-        if guest.host is None:
-            _refuse(request, "guest.migrate", target, 409, "not_running",
-                    "The guest is not running on any host.")
+        guest = running_guest(request, "guest.migrate", guest_uuid)
         destination = Host.objects.filter(name=destination_name).first()
         if destination is not None and destination.id == guest.host_id:
             _refuse(request, "guest.migrate", target, 409, "same_host",

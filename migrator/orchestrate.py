@@ -47,19 +47,25 @@ def _not_busy(request, action, target, guest_uuid):
                 f"The guest is busy with a {busy.kind} job ({busy.id}).")
 
 
+def running_guest(request, action, guest_uuid):
+    """The guest, locked for this transaction; 404 if unknown, 409 if on no host."""
+    guest = Guest.objects.select_for_update().select_related("host").filter(
+        uuid=guest_uuid).first()
+    if guest is None:
+        raise OperationError(404, "not_found", "No such guest.")
+    if guest.host is None:
+        _refuse(request, action, f"guest:{guest_uuid}", 409, "not_running",
+                "The guest is not running on any host.")
+    return guest
+
+
 def request_save(request, guest_uuid) -> Job:
     target = f"guest:{guest_uuid}"
     if not access.can_operate(request, "save"):
         _refuse(request, "guest.save", target, 403, "permission_denied",
                 "Saving guests needs the admin role (and guests:save for tokens).")
     with transaction.atomic():
-        guest = Guest.objects.select_for_update().select_related("host").filter(
-            uuid=guest_uuid).first()
-        if guest is None:
-            raise OperationError(404, "not_found", "No such guest.")
-        if guest.host is None:
-            _refuse(request, "guest.save", target, 409, "not_running",
-                    "The guest is not running on any host.")
+        guest = running_guest(request, "guest.save", guest_uuid)
         host = _online_host(request, "guest.save", target, guest.host)
         _not_busy(request, "guest.save", target, guest.uuid)
         job = Job.objects.create(kind=JobKind.SAVE, requester=request.user,
