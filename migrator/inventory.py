@@ -98,7 +98,7 @@ def _job_of(host, job_id):
 MIGRATION_PROGRESS = {"pre-migration": 0.02, "reservation": 0.05, "pre-copy": 0.10,
                       "stop-and-copy": 0.85, "commitment": 0.95, "activation": 0.98}
 ROUND_FIELDS = ("round", "pages_sent", "dirty_pages", "dirty_rate", "bandwidth_mbps",
-                "expected_downtime_ms", "elapsed", "bytes_sent", "throttle")
+                "expected_downtime_ms", "duration_s", "round_bytes", "bytes_sent", "throttle")
 
 
 @transaction.atomic

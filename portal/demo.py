@@ -74,7 +74,11 @@ def ensure_demo_hosts(portal_url):
     from migrator.models import Host
 
     paths = []
-    for name, port, allow in DEMO_HOSTS:
+    # Tests run demos side by side: they pick free relocation ports this way.
+    ports = os.environ.get("BERTH_DEMO_RELOCATION_PORTS", "")
+    custom = [int(p) for p in ports.split(",") if p.strip()]
+    for index, (name, port, allow) in enumerate(DEMO_HOSTS):
+        port = custom[index] if index < len(custom) else port
         config = bundle_dir(name) / "agent.toml"
         if not Host.objects.filter(name=name).exists() or not config.exists():
             Host.objects.filter(name=name).delete()  # a half-made earlier attempt

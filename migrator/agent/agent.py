@@ -48,7 +48,10 @@ from migrator.hypervisor.sim import SimDriver
 
 from .config import AgentConfig, HostConfig
 from .jobs import ACTIONS, BadCommand, Job, guest_json, result_message
+from .migrate import MigrateJob, RelocationEndpoint
 from .outbox import HostState, Outbox, ensure_state_dir
+
+COMMANDS = {**ACTIONS, "migrate": MigrateJob}
 
 AGENT_VERSION = "0.1"
 PROTOCOL = 1
@@ -131,6 +134,7 @@ class Agent:
         self._ready = threading.Event()
         self._stop_requested = threading.Event()  # stop() before the loop exists
         self.connected = threading.Event()  # set while a connection is up (tests wait on it)
+        self.relocation: RelocationEndpoint | None = None  # started with the loop
         self.attempts = 0      # connection attempts so far
         self.connections = 0   # successful handshakes so far
 
@@ -176,6 +180,7 @@ class Agent:
         try:
             try:
                 await asyncio.to_thread(self.boot_guests)
+                await asyncio.to_thread(self._start_relocation)
             finally:
                 self._ready.set()  # start() returns with the guests booted
             await self._serve()
@@ -183,9 +188,20 @@ class Agent:
             await asyncio.to_thread(self._shutdown)
             self._loop = None
 
+    def _start_relocation(self) -> None:
+        """Listen on the relocation port when the config names a certificate."""
+        if not self.config.relocation.cert:
+            log.info("no relocation certificate configured: live migration to %s is off",
+                     self.config.host.name)
+            return
+        self.relocation = RelocationEndpoint(self.config, self.driver, self._event)
+        self.relocation.start()
+
     def _shutdown(self) -> None:
         """Abort running jobs (a save resumes its guest) so their results are
         in the outbox before the process ends."""
+        if self.relocation is not None:
+            self.relocation.stop()
         with self._lock:
             jobs, threads = list(self._jobs.values()), list(self._threads.values())
         for job in jobs:
@@ -421,20 +437,35 @@ class Agent:
         if action == "abort":
             self.abort(job_id)
             return
+        if action == "migrate.expect":
+            self._expect(job_id, command)
+            return
         if self._is_known(job_id):
             return
         try:
-            cls = ACTIONS.get(str(action))
+            cls = COMMANDS.get(str(action))
             if cls is None:
                 raise BadCommand(f"unknown action {action!r}")
             job = cls(job_id, command, driver=self.driver, host=self.config.host,
                       emit=partial(self._event, job_id), ca=self.config.portal.ca,
                       timeout=self._transfer_timeout)
+            job.relocation = self.config.relocation
         except BadCommand as exc:
             log.warning("job %s refused: %s", job_id, exc)
             self._finish(job_id, result_message(job_id, "failed", error=str(exc)))
             return
         self._start(job)
+
+    def _expect(self, job_id: str, command: dict[str, Any]) -> None:
+        """The destination's half of a migration: accept one ticketed guest.
+        The job's result comes from the source; a refusal here fails it."""
+        try:
+            if self.relocation is None:
+                raise BadCommand(f"host {self.config.host.name} has no relocation port")
+            self.relocation.expect(job_id, command)
+        except (BadCommand, ValueError) as exc:
+            log.warning("migration %s refused on %s: %s", job_id, self.config.host.name, exc)
+            self._finish(job_id, result_message(job_id, "failed", error=str(exc)))
 
     def _is_known(self, job_id: str) -> bool:
         """A repeated command (the portal may resend after a reconnect) does
@@ -471,7 +502,7 @@ class Agent:
     def _run_job(self, job: Job) -> None:
         result = job.run()
         if result["state"] == "succeeded":  # where the guest now lives
-            self.state.set_departed(job.guest_uuid, job.action == "save")
+            self.state.set_departed(job.guest_uuid, job.action in ("save", "migrate"))
         log.info("job %s: %s %s%s", job.id, job.action, result["state"],
                  f" ({result['error']})" if result["error"] else "")
         self._finish(job.id, result, job)

@@ -34,7 +34,7 @@
     if (final && job.result && job.result.total_time_s !== undefined) {
       final.replaceChildren();
       [["total time", job.result.total_time_s + " s"], ["downtime", job.result.downtime_ms + " ms"],
-       ["bytes sent", job.result.bytes_sent + " (" + job.result.bytes_per_memory + " × memory)"],
+       ["bytes sent", job.result.bytes_sent + " (" + job.result.bytes_ratio + " × memory)"],
        ["rounds", job.result.rounds], ["stop-and-copy because", job.result.stop_reason]]
         .forEach(function (row) {
           var dt = document.createElement("dt"); dt.textContent = row[0];

@@ -10,17 +10,19 @@ import numpy as np
 import pytest
 
 from migrator.hypervisor.savestream import SaveStreamParser
-from tests.support.server import ROOT, PortalServer, manage
+from tests.support.server import ROOT, PortalServer, free_port, manage
 
-SCOPES = ["guests:read", "guests:save", "images:read", "images:download", "images:restore",
-          "jobs:read"]
+SCOPES = ["guests:read", "guests:save", "guests:migrate", "images:read", "images:download",
+          "images:restore", "jobs:read"]
 
 
 class Deployment:
     """A portal and the demo's two hosts, each agent a process the test controls."""
 
     def __init__(self, tmp_path):
-        self.portal = PortalServer(tmp_path, {"BERTH_JOB_AGENT_TIMEOUT_SECONDS": "5"})
+        ports = f"{free_port()},{free_port()}"
+        self.portal = PortalServer(tmp_path, {"BERTH_JOB_AGENT_TIMEOUT_SECONDS": "5",
+                                              "BERTH_DEMO_RELOCATION_PORTS": ports})
         self.agents = {}
 
     def start(self):

@@ -1,0 +1,145 @@
+"""Live migration on the agent: the relocation endpoint (destination) and the
+migrate job (source), glue between the portal's commands and migrator.relocation.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from migrator import tls
+from migrator.relocation import (
+    HostFacts,
+    MigrationSettings,
+    PrecopyMigration,
+    RelocationServer,
+    TicketBook,
+)
+
+from .jobs import Job, JobAborted, JobFailed, _text, _uuid
+
+log = logging.getLogger(__name__)
+PostEvent = Callable[[str, dict[str, Any]], None]
+
+
+class RelocationEndpoint:
+    """This host's relocation port: tickets announced by the portal, and the
+    server that accepts only those migrations (docs/relocation-protocol.md)."""
+
+    def __init__(self, config, driver, post_event: PostEvent):
+        host, reloc = config.host, config.relocation
+        self.tickets = TicketBook()
+        self._post = post_event
+        self._jobs: dict[str, str] = {}  # guest uuid -> job id, for the destination's events
+        self._lock = threading.Lock()
+        self.server = RelocationServer(
+            driver, HostFacts(subnets=(host.subnet,) if host.subnet else (),
+                              storage=tuple(host.storage), disk_free_gib=host.disk_gib),
+            tls.server_context(reloc.cert, reloc.key, reloc.ca),
+            tls.AllowList(reloc.hosts_allow), self.tickets, self._on_event,
+            address=reloc.address, port=reloc.port, host_name=host.name)
+
+    def start(self) -> int:
+        return self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def expect(self, job_id: str, command: dict[str, Any]) -> None:
+        """``migrate.expect``: accept this guest from this source, once."""
+        guest = str(_uuid(command.get("guest"), "guest"))
+        source = _text(command, "source", "command")
+        ticket = _text(command, "ticket", "command")
+        expires = float(command.get("expires_in") or 300)
+        self.tickets.expect(ticket, guest, source, expires_in=expires)
+        with self._lock:
+            self._jobs[guest] = job_id
+        self._post(job_id, {"kind": "expecting", "stage": "expecting"})
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        guest = event.get("guest")
+        with self._lock:
+            job_id = self._jobs.get(guest) if guest else None
+            if job_id and event.get("kind") in ("announce", "discarded", "released"):
+                self._jobs.pop(guest, None)
+        if job_id:
+            self._post(job_id, {k: v for k, v in event.items() if k != "time"})
+
+
+class MigrateJob(Job):
+    """``xm migrate --live``, the source side: the six stages over mutual TLS."""
+
+    action = "migrate"
+
+    def parse(self, command: dict[str, Any]) -> None:
+        self.guest_uuid = str(_uuid(command.get("guest"), "guest"))
+        self._ticket = _text(command, "ticket", "command")
+        destination = command.get("destination")
+        if not isinstance(destination, dict):
+            raise JobFailed("the command has no destination")
+        self.dest_host = _text(destination, "host", "destination")
+        self.dest_address = _text(destination, "address", "destination")
+        self.dest_port = int(destination.get("port") or 8002)
+        params = command.get("parameters") or {}
+        self.live = bool(params.get("live", True))
+        self.settings = MigrationSettings(
+            downtime_target_ms=float(params.get("downtime_ms", 300)),
+            max_rounds=1 if not self.live else int(params.get("max_rounds", 30)),
+            max_data_factor=float(params.get("max_data_factor", 3.0)),
+            auto_converge=bool(params.get("auto_converge", False)))
+        self.engine: PrecopyMigration | None = None
+
+    def execute(self) -> dict[str, Any]:
+        self._remember_guest()
+        reloc = self.relocation
+        context = tls.client_context(reloc.cert, reloc.key, reloc.ca)
+        self.engine = PrecopyMigration(
+            self.driver, self.guest_uuid, self.dest_address, self.dest_port, self.dest_host,
+            self._ticket, context, self.settings, self._forward, source_host=self.host.name)
+        if not self.live:
+            self.driver.pause(self.guest_uuid)  # not live: pause, copy, resume there
+        if self.aborted.is_set():
+            self._resume_if_paused()
+            raise JobAborted()
+        result = self.engine.run()
+        state = result["state"]
+        if state == "succeeded":
+            return {k: v for k, v in result.items() if k != "settings"} | {
+                "guest": self._moved_guest(result)}
+        self._resume_if_paused()
+        if state == "aborted":
+            raise JobAborted(result.get("reason") or "aborted on request")
+        raise JobFailed(f"{result.get('stage')}: {result.get('reason')}")
+
+    def _moved_guest(self, result):
+        """The guest as it now runs on the destination (for the portal's rows)."""
+        return {"uuid": self.guest_uuid, "name": self._name, "domain_id":
+                result.get("destination_domid"), "memory_mib": self._memory_mib,
+                "vcpus": self._vcpus, "state": "running", "active": True,
+                "config": self._config}
+
+    def _forward(self, event: dict[str, Any]) -> None:
+        if event.get("kind") == "result":
+            return  # the job.result carries it
+        self.emit({k: v for k, v in event.items() if k != "time"})
+
+    def _remember_guest(self):
+        info = self.driver.get(self.guest_uuid)
+        self._name, self._memory_mib, self._vcpus = info.name, info.memory_mib, info.vcpus
+        self._config = {"kernel": info.config.get("kernel", ""), "ip": info.config.get("ip", ""),
+                        "storage": list(info.config.get("storage", [])),
+                        "workload": info.config.get("workload", {})}
+
+    def _resume_if_paused(self):
+        try:
+            info = self.driver.get(self.guest_uuid)
+            if not info.active:
+                self.driver.resume(self.guest_uuid)
+        except Exception:  # the guest is the engine's to restore; this is a safety net
+            log.exception("job %s: could not resume guest %s", self.id, self.guest_uuid)
+
+    def abort(self) -> None:
+        super().abort()
+        if self.engine is not None:
+            self.engine.abort("aborted by an admin")

@@ -1,0 +1,42 @@
+"""Live migration end to end: real portal, real agents, the mutual-TLS relocation channel."""
+import pytest
+
+from tests.migrator.test_save_restore_e2e import Deployment
+
+
+@pytest.fixture
+def deployment(tmp_path):
+    system = Deployment(tmp_path).start()
+    yield system
+    system.stop()
+
+
+def test_live_migration_of_a_busy_guest_moves_it_with_its_memory(deployment):
+    before = deployment.guest("ubuntu_fuwa_nfs_domu")
+    assert before["host"] == "hostb"
+    response = deployment.api.post(f"/api/v1/guests/{before['uuid']}/migrate",
+                                   json={"destination": "hostc", "live": True})
+    assert response.status_code == 202, response.text
+    job = deployment.finished(response.json()["id"])
+    assert job["state"] == "succeeded", job
+    stages = [step["stage"] for step in job["timeline"]]
+    for stage in ("pre-migration", "reservation", "pre-copy", "stop-and-copy", "commitment",
+                  "activation"):
+        assert stage in stages, stages
+    assert job["rounds"] and job["result"]["stop_reason"]
+    assert job["result"]["downtime_ms"] is not None
+    after = deployment.wait_for(
+        lambda: (g := deployment.guest("ubuntu_fuwa_nfs_domu"))["host"] == "hostc" and g,
+        "the guest on hostc")
+    assert after["uuid"] == before["uuid"]
+    assert after["domain_id"] == job["result"]["destination_domid"]
+    hostb = [g for g in deployment.get("/api/v1/guests/")["results"]
+             if g["host"] == "hostb"]
+    assert [g["name"] for g in hostb] == ["debian_etch"]  # it runs only on the destination
+
+
+def test_migration_to_its_own_host_is_refused(deployment):
+    guest = deployment.guest("debian_etch")
+    response = deployment.api.post(f"/api/v1/guests/{guest['uuid']}/migrate",
+                                   json={"destination": "hostb"})
+    assert response.status_code == 409 and response.json()["error"] == "same_host"
