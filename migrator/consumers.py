@@ -9,7 +9,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.utils import timezone
 
-from migrator import access, credentials, inventory, progress
+from migrator import access, credentials, enrollment, inventory, progress
 from migrator.models import Job
 from portal import audit
 from portal.models import ActorKind, Outcome
@@ -42,6 +42,7 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
             return
         await self.channel_layer.group_add(progress.host_group(self.host.name),
                                            self.channel_name)
+        await self.channel_layer.group_add(progress.ALL_AGENTS, self.channel_name)
         await self.accept()
 
     def _authenticate(self):
@@ -62,6 +63,7 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
             return
         await self.channel_layer.group_discard(progress.host_group(self.host.name),
                                                self.channel_name)
+        await self.channel_layer.group_discard(progress.ALL_AGENTS, self.channel_name)
         await database_sync_to_async(self._refresh_and_mark_offline)()
 
     def _refresh_and_mark_offline(self):
@@ -81,8 +83,11 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
 
     async def on_hello(self, message):
         acks = await database_sync_to_async(self._hello)(message)
+        revoked = await database_sync_to_async(enrollment.revoked_serials)()
+        # Revoked certificates, so the relocation port refuses them too.
         await self.send_json({"type": "welcome", "host": self.host.name,
-                              "server_time": timezone.now().isoformat()})
+                              "server_time": timezone.now().isoformat(),
+                              "revoked_serials": revoked})
         for job_id in acks:
             await self.send_json({"type": "ack", "job": job_id})
 

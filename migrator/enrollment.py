@@ -136,6 +136,14 @@ def revoke(name, *, actor=None):
     host.save(update_fields=["revoked_at", "online"])
     if host.channel_name:
         progress.send_to_channel(host.channel_name, {"type": "agent.replaced"})
+    progress.send_to_all_agents({"type": "revocations", "revoked_serials": revoked_serials()})
     audit.record("host.revoke", actor=actor or audit.Actor.system(), target=f"host:{name}",
                  details={"certificate_serial": host.cert_serial})
     return host
+
+
+def revoked_serials():
+    """Serials of revoked host certificates, for the agents' relocation ports."""
+    if not (settings.PKI_DIR / "ca-cert.pem").exists():
+        return []
+    return sorted(certificate_authority().revoked_serials())

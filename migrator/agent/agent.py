@@ -135,6 +135,7 @@ class Agent:
         self._stop_requested = threading.Event()  # stop() before the loop exists
         self.connected = threading.Event()  # set while a connection is up (tests wait on it)
         self.relocation: RelocationEndpoint | None = None  # started with the loop
+        self.revoked_serials: frozenset[int] = frozenset()
         self.attempts = 0      # connection attempts so far
         self.connections = 0   # successful handshakes so far
 
@@ -196,6 +197,14 @@ class Agent:
             return
         self.relocation = RelocationEndpoint(self.config, self.driver, self._event)
         self.relocation.start()
+
+    def _revocations(self, message: dict[str, Any]) -> None:
+        """Certificates the portal revoked: refused on the relocation channel."""
+        serials = message.get("revoked_serials")
+        if isinstance(serials, list):
+            self.revoked_serials = frozenset(int(s) for s in serials if isinstance(s, int))
+            if self.relocation is not None:
+                self.relocation.server.revoked_serials = self.revoked_serials
 
     def _shutdown(self) -> None:
         """Abort running jobs (a save resumes its guest) so their results are
@@ -417,6 +426,9 @@ class Agent:
         kind = message.get("type")
         if kind == "welcome":
             log.info("the portal welcomed host %s", message.get("host"))
+            self._revocations(message)
+        elif kind == "revocations":
+            self._revocations(message)
         elif kind == "ack":
             job_id = str(message.get("job"))
             if await asyncio.to_thread(self.outbox.ack, job_id):
@@ -450,6 +462,7 @@ class Agent:
                       emit=partial(self._event, job_id), ca=self.config.portal.ca,
                       timeout=self._transfer_timeout)
             job.relocation = self.config.relocation
+            job.revoked_serials = self.revoked_serials
         except BadCommand as exc:
             log.warning("job %s refused: %s", job_id, exc)
             self._finish(job_id, result_message(job_id, "failed", error=str(exc)))

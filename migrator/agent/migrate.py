@@ -96,7 +96,8 @@ class MigrateJob(Job):
         context = tls.client_context(reloc.cert, reloc.key, reloc.ca)
         self.engine = PrecopyMigration(
             self.driver, self.guest_uuid, self.dest_address, self.dest_port, self.dest_host,
-            self._ticket, context, self.settings, self._forward, source_host=self.host.name)
+            self._ticket, context, self.settings, self._forward, source_host=self.host.name,
+            revoked_serials=getattr(self, "revoked_serials", frozenset()))
         if not self.live:
             self.driver.pause(self.guest_uuid)  # not live: pause, copy, resume there
         if self.aborted.is_set():
