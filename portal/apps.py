@@ -6,5 +6,7 @@ class PortalConfig(AppConfig):
     verbose_name = "Berth portal"
 
     def ready(self):
-        from portal import signals  # noqa: F401  (connects login/logout auditing)
+        from portal import signals  # connects login/logout auditing
+
+        signals.connect_lockout_audit()
         from portal.api import extensions  # noqa: F401  (OpenAPI auth schemes)

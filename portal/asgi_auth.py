@@ -14,6 +14,8 @@ from rest_framework import exceptions
 from rest_framework.request import Request
 from rest_framework.settings import api_settings
 
+from portal.throttling import charge_anonymous
+
 
 class AuthResult:
     def __init__(self, request=None, status=200, error="", detail="", django_request=None):
@@ -43,10 +45,16 @@ def authenticate_request(django_request) -> AuthResult:
     try:
         user = request.user
     except exceptions.APIException as exc:
-        return AuthResult(status=exc.status_code, error=exc.default_code, detail=str(exc.detail),
-                          django_request=django_request)
+        return _refused(request, django_request, exc)
     if not user.is_authenticated:
-        return AuthResult(status=401, error="not_authenticated",
-                          detail="Authentication credentials were not provided.",
-                          django_request=django_request)
+        return _refused(request, django_request, exceptions.NotAuthenticated())
     return AuthResult(request)
+
+
+def _refused(request, django_request, exc) -> AuthResult:
+    # As in the API's error handler: refusals count against the anonymous rate (429).
+    wait = charge_anonymous(request)
+    if wait is not None:
+        exc = exceptions.Throttled(wait)
+    return AuthResult(status=exc.status_code, error=exc.default_code, detail=str(exc.detail),
+                      django_request=django_request)

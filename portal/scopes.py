@@ -15,3 +15,17 @@ SCOPES = {
 
 def invalid_scopes(scopes):
     return sorted(set(scopes) - set(SCOPES))
+
+
+# The most each role may put on a token: a token never exceeds its user's role,
+# and the role checks still apply when the token is used. Keys are role names
+# (portal.roles); None is a user without a role, whose grants decide per image.
+ROLE_SCOPES = {
+    "admin": frozenset(SCOPES),
+    "auditor": frozenset({"audit:read", "images:read", "jobs:read", "guests:read"}),
+    None: frozenset({"images:read", "images:download", "images:restore", "jobs:read"}),
+}
+
+
+def scopes_for_role(role) -> frozenset:
+    return ROLE_SCOPES.get(role, ROLE_SCOPES[None])

@@ -68,6 +68,7 @@ INSTALLED_APPS = [
     "portal",
     "vault",
     "migrator",
+    "axes",  # sign-in lockout
 ]
 
 MIDDLEWARE = [
@@ -81,6 +82,8 @@ MIDDLEWARE = [
     "django_otp.middleware.OTPMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes requires: turns a locked-out sign-in into the lockout page.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "portal.urls"
@@ -118,7 +121,8 @@ else:
                 "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
             },
             # A file, not shared-cache memory: threads in tests need real locking.
-            "TEST": {"NAME": str(DATA_DIR / "test-berth.sqlite3")},
+            # One per test process, so two test runs never share a database.
+            "TEST": {"NAME": str(DATA_DIR / f"test-berth-{os.getpid()}.sqlite3")},
         }
     }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
@@ -134,9 +138,15 @@ if REDIS_URL:
     }
 else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+# API rate-limit counters live in the cache: shared by every portal process via Redis.
+if REDIS_URL:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache",
+                          "LOCATION": REDIS_URL}}
 
 # --- authentication -----------------------------------------------------------
 AUTHENTICATION_BACKENDS = [
+    # First, as django-axes requires: refuses a locked-out sign-in before any password check.
+    "axes.backends.AxesStandaloneBackend",
     "django.contrib.auth.backends.ModelBackend",
     "guardian.backends.ObjectPermissionBackend",
 ]
@@ -179,6 +189,22 @@ X_FRAME_OPTIONS = "DENY"
 REQUIRE_2FA = env_bool("REQUIRE_2FA", True)
 OTP_TOTP_ISSUER = "Berth"
 
+# Sign-in lockout (django-axes): after BERTH_LOGIN_FAILURE_LIMIT failed sign-ins for
+# one username, or from one address, the next failure locks that username (or that
+# address) out for BERTH_LOGIN_COOLOFF_MINUTES; meanwhile even the right password is
+# refused. Attempts during a lockout do not extend it. Counts are in the database.
+LOGIN_FAILURE_LIMIT = env_int("LOGIN_FAILURE_LIMIT", 5)
+AXES_FAILURE_LIMIT = LOGIN_FAILURE_LIMIT + 1  # axes locks at the failure that reaches it
+AXES_COOLOFF_TIME = timedelta(minutes=env_int("LOGIN_COOLOFF_MINUTES", 15))
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]  # username OR address
+AXES_RESET_COOL_OFF_ON_FAILURE_DURING_LOCKOUT = False
+AXES_RESET_ON_SUCCESS = False  # a success from an address must not clear its failures
+AXES_CLIENT_IP_CALLABLE = "portal.audit.client_ip"  # the address the audit trail records
+AXES_LOCKOUT_CALLABLE = "portal.views.auth.locked_out"
+AXES_DISABLE_ACCESS_LOG = True  # sign-ins are in the audit trail already
+AXES_ENABLE_ADMIN = False
+AXES_VERBOSE = False  # no start-up banner on every manage.py command
+
 # Roles are groups; see portal/roles.py.
 ROLE_ADMINS = "admins"
 ROLE_AUDITORS = "auditors"
@@ -200,6 +226,16 @@ REST_FRAMEWORK = {
         "migrator.credentials.JobCredentialAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    # Over the rate: 429 with Retry-After (portal/throttling.py). Anonymous callers are
+    # counted per address (REMOTE_ADDR: X-Forwarded-For is never trusted here).
+    "DEFAULT_THROTTLE_CLASSES": ["portal.throttling.AnonThrottle",
+                                 "portal.throttling.UserThrottle"],
+    "DEFAULT_THROTTLE_RATES": {
+        "anon": env("API_RATE_ANON", "60/min"),
+        "user": env("API_RATE_USER", "1200/min"),
+        "token-issue": env("API_RATE_TOKEN_ISSUE", "30/hour"),
+    },
+    "NUM_PROXIES": 0,
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
     "PAGE_SIZE": 50,
@@ -279,5 +315,7 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", "INFO")},
-    "loggers": {"django.request": {"level": "ERROR"}},
+    "loggers": {"django.request": {"level": "ERROR"},
+                # Every sign-in is an audit record: keep only axes' warnings (failures, lockouts).
+                "axes": {"level": "WARNING"}},
 }

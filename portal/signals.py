@@ -1,4 +1,5 @@
-"""Audit sign-ins, failed sign-ins and sign-outs, wherever they happen."""
+"""Audit sign-ins, failed sign-ins, lockouts and sign-outs, wherever they happen."""
+from django.conf import settings
 from django.contrib.auth.signals import user_logged_in, user_logged_out, user_login_failed
 from django.dispatch import receiver
 
@@ -25,6 +26,30 @@ def on_login_failed(sender, credentials, request=None, **kwargs):
     # Django has already masked the password in ``credentials``; only the
     # attempted name is kept.
     username = str(credentials.get("username", ""))[:150]
+    # django-axes marks a sign-in it refused, unchecked, during a lockout.
+    locked = getattr(request, "axes_locked_out", False)
     audit.record("auth.login", actor=audit.Actor(ActorKind.ANONYMOUS, username or "anonymous"),
                  target=f"user:{username}", outcome=Outcome.FAILED,
-                 source_ip=audit.client_ip(request), details={"reason": "bad credentials"})
+                 source_ip=audit.client_ip(request),
+                 details={"reason": "locked out" if locked else "bad credentials"})
+
+
+def on_lockout(sender, request, username, ip_address, **kwargs):
+    """django-axes locked a username and address out, or refused a sign-in while locked."""
+    failures = getattr(request, "axes_failures_since_start", None)
+    cool_off = int(settings.AXES_COOLOFF_TIME.total_seconds() // 60)
+    username = str(username or "")[:150]
+    audit.record("auth.lockout", actor=audit.Actor(ActorKind.ANONYMOUS, username or "anonymous"),
+                 target=f"user:{username}", outcome=Outcome.DENIED, source_ip=ip_address,
+                 details={"reason": ("too many failed sign-ins" if failures is not None
+                                     else "sign-in attempted while locked out"),
+                          "failures": failures,
+                          "cool_off_minutes": cool_off})
+
+
+def connect_lockout_audit():
+    """Called from PortalConfig.ready, after the receivers above are connected, so that
+    ours run before django-axes' own (importing axes.signals connects those)."""
+    from axes.signals import user_locked_out
+
+    user_locked_out.connect(on_lockout, dispatch_uid="berth-audit-lockout")

@@ -3,7 +3,7 @@ from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitView
 from rest_framework.permissions import IsAuthenticated
 
-from portal.views import audit, auth, dashboard, people, twofactor
+from portal.views import audit, auth, dashboard, people, tokens, twofactor
 
 urlpatterns = [
     path("", dashboard.dashboard, name="dashboard"),
@@ -15,6 +15,8 @@ urlpatterns = [
     path("audit/verify", audit.audit_verify, name="audit-verify"),
     re_path(r"^audit/export\.(?P<fmt>jsonl|csv)$", audit.audit_export, name="audit-export"),
     path("people/", people.people, name="people"),
+    path("tokens/", tokens.token_list, name="tokens"),
+    path("tokens/<str:prefix>/revoke", tokens.token_revoke, name="token-revoke"),
     path("vault/", include("vault.urls")),
     path("jobs/", include("migrator.urls")),
     path("api/v1/", include("portal.api.urls")),

@@ -22,6 +22,26 @@ def outsider_user(db):
     return create_user("mallory", None, PASSWORD)[0]
 
 
+@pytest.fixture(autouse=True)
+def fresh_rate_limits():
+    """API rate-limit counters live in the cache, which outlives a test's database:
+    start every test with none, so tests never throttle one another."""
+    from django.core.cache import cache
+
+    cache.clear()
+    yield
+    cache.clear()
+
+
+def set_api_rates(settings, **rates):
+    """Change API rates for one test, e.g. ``set_api_rates(settings, anon="3/min")``;
+    use ``token_issue=`` for the ``token-issue`` scope."""
+    current = settings.REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"]
+    rates = {name.replace("_", "-"): rate for name, rate in rates.items()}
+    settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK,
+                               "DEFAULT_THROTTLE_RATES": {**current, **rates}}
+
+
 def _client_for(user):
     client = Client()
     client.force_login(user)

@@ -1,8 +1,17 @@
 """One JSON shape for every API error: {"error": code, "detail": reason}."""
+from rest_framework import exceptions
 from rest_framework.views import exception_handler as drf_exception_handler
+
+from portal.throttling import charge_anonymous
 
 
 def exception_handler(exc, context):
+    if isinstance(exc, (exceptions.NotAuthenticated, exceptions.AuthenticationFailed)):
+        # Refused before any throttle ran: charge it to the caller's anonymous budget.
+        request = context.get("request")
+        wait = charge_anonymous(request, context.get("view")) if request is not None else None
+        if wait is not None:
+            exc = exceptions.Throttled(wait)
     response = drf_exception_handler(exc, context)
     if response is None:
         return None

@@ -1,8 +1,9 @@
 """Sign-in and sign-out pages (Django's own views, our templates)."""
 from urllib.parse import urlencode
 
+from django.conf import settings
 from django.contrib.auth import views as auth_views
-from django.shortcuts import redirect
+from django.shortcuts import redirect, render
 from django.urls import reverse
 
 from portal import twofactor
@@ -23,3 +24,12 @@ class LoginView(auth_views.LoginView):
 
 class LogoutView(auth_views.LogoutView):
     http_method_names = ["post", "options"]
+
+
+def locked_out(request, original_response=None, credentials=None):
+    """The page django-axes shows for a locked-out sign-in (AXES_LOCKOUT_CALLABLE): 429."""
+    minutes = int(settings.AXES_COOLOFF_TIME.total_seconds() // 60)
+    response = render(request, "registration/locked_out.html",
+                      {"minutes": minutes, "limit": settings.LOGIN_FAILURE_LIMIT}, status=429)
+    response["Retry-After"] = str(int(settings.AXES_COOLOFF_TIME.total_seconds()))
+    return response

@@ -1,8 +1,11 @@
 """Second-factor pages: enrol an authenticator, and verify a code after sign-in."""
+from urllib.parse import urlencode
+
 from django import forms
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.shortcuts import redirect, render
+from django.urls import reverse
 from django.utils.http import url_has_allowed_host_and_scheme
 
 from portal import twofactor
@@ -23,6 +26,11 @@ def _next(request):
 
 @login_required
 def setup(request):
+    if twofactor.has_device(request.user) and not twofactor.is_verified(request):
+        # Replacing an authenticator needs the current one: otherwise the password
+        # alone would let anyone swap in their own device and pass as verified.
+        messages.info(request, "Verify with your current authenticator before replacing it.")
+        return redirect(f"{reverse('2fa-verify')}?{urlencode({'next': request.path})}")
     device = twofactor.pending_device(request.user) or twofactor.start_enrolment(request.user)
     form = CodeForm(request.POST or None)
     if request.method == "POST" and form.is_valid():

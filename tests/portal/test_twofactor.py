@@ -79,3 +79,28 @@ def test_setting_relaxes_the_requirement_for_the_demo(unverified_admin_client, s
     response = unverified_admin_client.post("/people/", {
         "username": "bob", "role": "auditor", "password": "a long enough passphrase"})
     assert response.status_code == 302
+
+
+def test_a_password_alone_cannot_replace_the_authenticator(admin_user, settings):
+    settings.REQUIRE_2FA = True
+    setup = Client()
+    setup.force_login(admin_user)
+    original, _ = enrol(setup, admin_user)
+    thief = Client()
+    thief.post("/login/", {"username": "alice", "password": PASSWORD})
+    response = thief.get("/account/2fa/")
+    assert response.status_code == 302
+    assert response["Location"] == "/login/verify/?next=%2Faccount%2F2fa%2F"
+    assert thief.post("/account/2fa/", {"code": "000000"}).status_code == 302
+    assert list(TOTPDevice.objects.filter(user=admin_user)) == [original]
+    # Without the second factor the session stays unverified: no admin actions.
+    assert thief.post("/tokens/", {"name": "x", "scopes": ["images:delete"],
+                                   "days": 30}).status_code == 403
+
+
+def test_a_verified_session_may_replace_the_authenticator(admin_client, admin_user):
+    old = TOTPDevice.objects.get(user=admin_user, confirmed=True)
+    device, response = enrol(admin_client, admin_user)
+    assert response.status_code == 200
+    assert list(TOTPDevice.objects.filter(user=admin_user, confirmed=True)) == [device]
+    assert device.pk != old.pk
