@@ -31,8 +31,9 @@ class ImageAccessDenied(PermissionDenied):
     """Raised after the refusal has been audited."""
 
 
-# Admin actions need a verified second factor from admins, however they hold them.
-SECOND_FACTOR_ACTIONS = {"restore", "delete"}
+# Admin actions need a verified second factor from admins, however they hold them;
+# so does reading plaintext, since an admin may read every image.
+SECOND_FACTOR_ACTIONS = {"download", "restore", "delete"}
 
 
 def _role_allows(user, action) -> bool:
