@@ -40,9 +40,9 @@ def guest_detail(request, uuid):
         "can_save": access.can_operate(request, "save")})
 
 
-def _run(request, operation, *args):
+def _run(request, operation, *args, **kwargs):
     try:
-        return operation(request, *args)
+        return operation(request, *args, **kwargs)
     except orchestrate.OperationError as exc:
         messages.error(request, exc.detail)
     except vault_access.ImageAccessDenied as exc:

@@ -15,7 +15,15 @@ browser_routes = [
     path("ws/jobs/<uuid:job_id>/", JobsConsumer.as_asgi()),
 ]
 
+
+def _browser(app):
+    """The origin check and session authentication every browser socket goes through."""
+    return AllowedHostsOriginValidator(AuthMiddlewareStack(app))
+
+
+# One outer route per browser socket: Channels nests only a bare URLRouter, so a
+# path("", <wrapped URLRouter>) is an endpoint that matches the empty path alone.
 websocket_application = URLRouter([
     path("ws/agent/", AgentConsumer.as_asgi()),
-    path("", AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(browser_routes)))),
+    *[path(str(route.pattern), _browser(route.callback)) for route in browser_routes],
 ])

@@ -5,6 +5,9 @@
   if (!root) return;
   var bar = document.querySelector("#job-progress > span");
   var best = 0;
+  var FINAL = ["succeeded", "failed", "aborted"];
+  // Served already finished, the page has its result links: reloading it would loop.
+  var servedFinal = FINAL.indexOf(document.getElementById("job-state").textContent.trim()) >= 0;
   function mib(n) { return (n / 1048576).toFixed(1) + " MiB"; }
   function show(job) {
     if (job.id !== root.dataset.job) return;
@@ -42,10 +45,10 @@
           final.appendChild(dt); final.appendChild(dd);
         });
     }
-    if (["succeeded", "failed", "aborted"].indexOf(job.state) >= 0) {
+    if (FINAL.indexOf(job.state) >= 0) {
       var abort = document.getElementById("abort-form");
       if (abort) abort.hidden = true;
-      if (job.state === "succeeded" && !root.dataset.reloaded) {
+      if (job.state === "succeeded" && !servedFinal && !root.dataset.reloaded) {
         root.dataset.reloaded = "1";
         setTimeout(function () { location.reload(); }, 800);  // show the result links
       }
