@@ -1,0 +1,256 @@
+"""The portal in a real browser (Debian's Chromium driven by Playwright), against the real
+server and the demo's two hosts with real agents: second factor, save with live progress,
+restore, live migration with its chart of rounds, and the auditor's chain check.
+
+Run on its own: ``make browser-test`` (``pytest tests/browser -m browser -p no:asyncio``).
+Playwright never downloads a browser here: it drives the system Chromium.
+"""
+import base64
+import hashlib
+import hmac
+import os
+import struct
+import time
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+
+from tests.migrator.test_save_restore_e2e import Deployment
+from tests.support.server import ROOT
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = os.environ.get("BERTH_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+ARTIFACTS = ROOT / "test-artifacts" / "browser"
+ADMIN_PASSWORD = "browser-admin-pass-1234"
+AUDITOR_PASSWORD = "browser-auditor-pass-1234"
+TIMEOUT_MS = 30_000
+JOB_TIMEOUT_MS = 90_000
+
+# Records, in the page itself, what the job page showed when it was served and every
+# change its script makes afterwards: a reload starts a fresh window and loses all of it.
+WATCH_JOB_PAGE = """
+document.addEventListener("DOMContentLoaded", function () {
+  var state = document.getElementById("job-state");
+  var bar = document.querySelector("#job-progress > span");
+  if (!state || !bar) return;
+  window.__berth = {served: {state: state.textContent.trim(), width: bar.dataset.width + "%"},
+                    widths: [], states: []};
+  new MutationObserver(function () {
+    var seen = window.__berth;
+    if (seen.widths[seen.widths.length - 1] !== bar.style.width) seen.widths.push(bar.style.width);
+    var s = state.textContent.trim();
+    if (seen.states[seen.states.length - 1] !== s) seen.states.push(s);
+  }).observe(document.getElementById("job-live"),
+             {subtree: true, attributes: true, childList: true, characterData: true});
+});
+"""
+
+LIVE_SUCCESS = """() => {
+  const seen = window.__berth;
+  return !!seen && seen.served.state !== "succeeded"
+    && document.getElementById("job-state").textContent.trim() === "succeeded"
+    && document.querySelector("#job-progress > span").style.width === "100%"
+    && document.getElementById("job-progress").getAttribute("aria-valuenow") === "100"
+    && seen;
+}"""
+
+
+def totp(secret_b32: str, step: int, digits: int = 6) -> str:
+    """RFC 6238 (HMAC-SHA1, 30 s steps) for time step ``step``."""
+    key = base64.b32decode(secret_b32.upper() + "=" * (-len(secret_b32) % 8))
+    digest = hmac.new(key, struct.pack(">Q", step), hashlib.sha1).digest()
+    offset = digest[-1] & 0x0F
+    code = struct.unpack(">I", digest[offset:offset + 4])[0] & 0x7FFFFFFF
+    return str(code % 10 ** digits).zfill(digits)
+
+
+def now_step() -> int:
+    return int(time.time()) // 30
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    system = Deployment(tmp_path_factory.mktemp("berth-browser"))
+    system.portal.env.update({"BERTH_REQUIRE_2FA": "1",
+                              "BERTH_DEMO_ADMIN_PASSWORD": ADMIN_PASSWORD,
+                              "BERTH_DEMO_AUDITOR_PASSWORD": AUDITOR_PASSWORD})
+    try:
+        system.start()
+        yield system
+    finally:
+        system.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    with playwright_api.sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
+                                     timeout=TIMEOUT_MS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+class Watched:
+    """A page, and what went wrong in it: script errors and failed requests."""
+
+    def __init__(self, browser, deployment):
+        self.context = browser.new_context(base_url=deployment.portal.url,
+                                           viewport={"width": 1280, "height": 900})
+        self.context.set_default_timeout(TIMEOUT_MS)
+        self.context.set_default_navigation_timeout(TIMEOUT_MS)
+        self.context.add_init_script(WATCH_JOB_PAGE)
+        self.page = self.context.new_page()
+        self.errors, self.navigations = [], []
+        self.page.on("pageerror", lambda error: self.errors.append(f"script: {error}"))
+        self.page.on("response", lambda r: r.status >= 400 and not r.url.endswith(
+            "/favicon.ico") and self.errors.append(f"{r.status} {r.request.method} {r.url}"))
+        self.page.on("framenavigated", lambda frame: frame == self.page.main_frame
+                     and self.navigations.append(frame.url))
+
+    def close(self):
+        self.context.close()
+
+
+def shot(page, name):
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def sign_in(page, username, password):
+    page.goto("/login/")
+    page.fill("#id_username", username)
+    page.fill("#id_password", password)
+    page.click("button[type=submit]:has-text('Sign in')")
+
+
+def watch_job_to_success(watched, name):
+    """The job page's own script moves the bar to 100 % and the badge to succeeded, live;
+    then the page reloads once (for the result links) and stays put."""
+    page = watched.page
+    page.wait_for_url("**/jobs/*/")
+    job_url = page.url
+    page.wait_for_function("() => document.getElementById('live-status').textContent === 'live'")
+    shot(page, f"{name}-live")
+    seen = page.wait_for_function(LIVE_SUCCESS, timeout=JOB_TIMEOUT_MS).json_value()
+    shot(page, f"{name}-succeeded")
+    assert seen["served"]["width"] != "100%", seen
+    assert seen["widths"][-1] == "100%" and seen["states"][-1] == "succeeded", seen
+    loads = watched.navigations.count(job_url)
+    deadline = time.monotonic() + 10
+    while watched.navigations.count(job_url) == loads and time.monotonic() < deadline:
+        page.wait_for_timeout(100)
+    assert watched.navigations.count(job_url) == loads + 1, "no reload for the result links"
+    page.wait_for_load_state("load")
+    page.wait_for_timeout(2000)  # a finished job's page must not reload again
+    assert watched.navigations.count(job_url) == loads + 1, watched.navigations
+    return seen, job_url.rstrip("/").rsplit("/", 1)[1]
+
+
+def test_admin_with_second_factor_saves_restores_and_migrates(browser, deployment):
+    name = "admin"
+    watched = Watched(browser, deployment)
+    page = watched.page
+    try:
+        # Password first: an admin without an authenticator is told to set one up.
+        sign_in(page, "admin", ADMIN_PASSWORD)
+        page.wait_for_url(deployment.portal.url + "/")
+        assert "Admin actions need a second factor" in page.inner_text("main")
+
+        # Enrol: the otpauth URL under "Can't scan?" carries the base32 secret.
+        page.goto("/account/2fa/")
+        page.click("summary:has-text(\"Can't scan?\")")
+        otpauth = page.inner_text("details code").strip()
+        shot(page, "01-2fa-setup")
+        secret = parse_qs(urlparse(otpauth).query)["secret"][0]
+        enrolled_at = now_step()
+        page.fill("input[name=code]", totp(secret, enrolled_at))
+        page.click("button:has-text('Confirm')")
+        page.wait_for_selector("h1:has-text('Your backup codes')")
+        assert page.locator("ul.codes li").count() == 10
+        shot(page, "02-2fa-backup-codes")
+
+        # Sign out and in again: now the password is followed by the TOTP code.
+        page.click("button:has-text('Sign out')")
+        page.wait_for_url("**/login/**")
+        sign_in(page, "admin", ADMIN_PASSWORD)
+        page.wait_for_url("**/login/verify/**")
+        shot(page, "03-2fa-verify")
+        # A code is good once: use the next step's (within the device's tolerance of one).
+        page.fill("input[name=code]", totp(secret, max(now_step(), enrolled_at + 1)))
+        page.click("button:has-text('Verify')")
+        page.wait_for_url(deployment.portal.url + "/")
+        assert "Second factor verified." in page.inner_text("main")
+        assert "Admin actions need a second factor" not in page.inner_text("main")
+
+        # Save from the dashboard; the job page follows it live over its WebSocket.
+        page.wait_for_selector("#host-hostb .badge:has-text('online')")
+        page.wait_for_selector("#host-hostc .badge:has-text('online')")
+        shot(page, "04-dashboard")
+        page.click("#host-hostb button[data-guest='ubuntu_fuwa_nfs_domu']")
+        seen, job_id = watch_job_to_success(watched, "05-save")
+        job = deployment.get(f"/api/v1/jobs/{job_id}")
+        assert job["kind"] == "save" and job["state"] == "succeeded" and job["image"], job
+
+        # The image in the vault, restored to the other host with the Restore form.
+        page.click(f"#job-result a[href='/vault/{job['image']}/']")
+        page.wait_for_selector("h2:has-text('Restore')")
+        page.select_option("select[name=host]", "hostc")
+        shot(page, "06-vault-image")
+        page.click("button:has-text('Restore')")
+        watch_job_to_success(watched, "07-restore")
+        guest = deployment.guest("ubuntu_fuwa_nfs_domu")
+        assert guest["host"] == "hostc", guest
+
+        # Live migration: guest page, Migrate…, pick hostc, Check, Migrate; then the chart.
+        etch = deployment.guest("debian_etch")
+        assert etch["host"] == "hostb", etch
+        page.goto(f"/jobs/guests/{etch['uuid']}/")
+        page.click("a:has-text('Migrate…')")
+        page.select_option("select[name=destination]", "hostc")
+        page.click("button:has-text('Check')")
+        page.wait_for_selector("h2:has-text('Pre-check for hostc')")
+        assert page.locator("ul.checks li.bad").count() == 0
+        shot(page, "08-migrate-precheck")
+        page.click("button:has-text('Migrate to hostc')")
+        watch_job_to_success(watched, "09-migrate")
+        page.wait_for_selector("#rounds-chart rect.bar", state="attached")
+        assert page.locator("#rounds-chart rect").count() >= 1
+        shot(page, "10-migrate-chart")
+        assert deployment.guest("debian_etch")["host"] == "hostc"
+        assert watched.errors == []
+    except Exception:
+        shot(page, f"failed-{name}")
+        raise
+    finally:
+        watched.close()
+
+
+def test_auditor_verifies_the_chain(browser, deployment):
+    name = "auditor"
+    watched = Watched(browser, deployment)
+    page = watched.page
+    try:
+        sign_in(page, "auditor", AUDITOR_PASSWORD)
+        page.wait_for_url(deployment.portal.url + "/")
+        page.goto("/audit/")
+        page.click("button:has-text('Verify chain')")
+        message = page.wait_for_selector("p.msg-success:has-text('Chain intact')")
+        assert "records verified" in message.inner_text()
+        shot(page, "11-audit-verified")
+        assert watched.errors == []
+    except Exception:
+        shot(page, f"failed-{name}")
+        raise
+    finally:
+        watched.close()
