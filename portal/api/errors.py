@@ -16,7 +16,8 @@ def exception_handler(exc, context):
     if response is None:
         return None
     detail = response.data
-    code = getattr(exc, "default_code", "error")
+    # Django's Http404 (get_object_or_404) reaches DRF as a plain 404 without a code.
+    code = "not_found" if response.status_code == 404 else getattr(exc, "default_code", "error")
     if isinstance(detail, dict) and set(detail) == {"detail"}:
         detail = detail["detail"]
     response.data = {"error": code, "detail": detail}

@@ -97,3 +97,9 @@ def test_unknown_api_path_is_json_404(admin_client):
     response = admin_client.get("/api/v1/nothing-here/")
     assert response.status_code == 404
     assert response.json()["error"] == "not_found"
+
+
+def test_unknown_object_in_the_api_is_a_json_not_found(admin_client):
+    response = admin_client.get("/api/v1/jobs/00000000-0000-0000-0000-000000000000")
+    assert response.status_code == 404
+    assert response.json() == {"error": "not_found", "detail": response.json()["detail"]}
