@@ -1,0 +1,18 @@
+"""Live migration over the relocation channel (Django-free).
+
+* `protocol` - frames, page batches, fingerprints (``docs/relocation-protocol.md``);
+* `tickets`  - single-use tickets the portal announces to the destination;
+* `server`   - the destination: TLS listener, peer checks, reservation, receiver;
+* `precopy`  - the source: the six stages and the iterative pre-copy engine.
+"""
+
+from .precopy import STAGES, MigrationSettings, PrecopyMigration
+from .protocol import DEFAULT_PORT, PROTOCOL_VERSION
+from .server import HostFacts, RelocationServer, check_reservation
+from .tickets import Ticket, TicketBook, TicketRefused
+
+__all__ = [
+    "DEFAULT_PORT", "PROTOCOL_VERSION", "STAGES", "HostFacts", "MigrationSettings",
+    "PrecopyMigration", "RelocationServer", "Ticket", "TicketBook", "TicketRefused",
+    "check_reservation",
+]

@@ -1,0 +1,484 @@
+"""Wire format of the relocation channel: frames, page batches, fingerprints.
+
+Byte-level specification: ``docs/relocation-protocol.md``.  Everything here is
+transport only; the state machines live in ``server.py`` (destination) and
+``precopy.py`` (source).
+
+Throughput matters (a 1 GiB guest is 262 144 pages), so page batches are
+built and parsed with numpy on whole frames: zero detection, index packing,
+the presence bitmap, compaction of the non-zero pages and their fingerprints
+are each one vectorised call per frame, never a Python loop per page.
+
+Django-free.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import queue
+import socket
+import ssl
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from migrator.hypervisor.base import PAGE_SIZE
+
+PROTOCOL_VERSION = 1
+DEFAULT_PORT = 8002
+
+HEADER = struct.Struct("<BI")        # type, payload length
+MAX_CONTROL = 64 * 1024              # JSON control frames
+MAX_VCPU = 1024 * 1024               # vCPU state blob (savestream's limit too)
+MAX_BATCH_PAGES = 2048               # 8 MiB of page data per frame at most
+DEFAULT_BATCH_PAGES = 1024           # 4 MiB: large enough for TLS, small enough to abort fast
+_WORDS = PAGE_SIZE // 4              # u32 words per page, for fingerprints
+_FP_DOMAIN = b"berth-relocation-fingerprint-v1"
+_ROOT_DOMAIN = b"berth-relocation-root-v1"
+
+
+class Msg(enum.IntEnum):
+    HELLO = 0x01       # source -> destination, JSON: ticket + guest + reservation request
+    RESERVED = 0x02    # destination -> source, JSON
+    REFUSED = 0x03     # destination -> source, JSON {stage, reason}; connection then closes
+    PAGES = 0x10       # source -> destination, binary page batch
+    SYNC = 0x11        # source -> destination and echoed back, JSON {round}
+    VCPU = 0x12        # source -> destination, binary vCPU blob (guest is paused)
+    COMMIT = 0x13      # source -> destination, JSON digests
+    COMMITTED = 0x20   # destination -> source, JSON: identical image held, paused
+    ACTIVATE = 0x21    # source -> destination, JSON {}: THE commit point
+    ACTIVATED = 0x22   # destination -> source, JSON: running there
+    ABORT = 0x7F       # either way, JSON {reason}
+
+
+def max_payload(mtype: int) -> int:
+    """Largest payload a frame of this type may announce (checked before any
+    allocation, so a peer cannot make us reserve gigabytes with 5 bytes)."""
+    if mtype == Msg.PAGES:
+        return pages_payload_size(MAX_BATCH_PAGES, MAX_BATCH_PAGES)
+    if mtype == Msg.VCPU:
+        return MAX_VCPU
+    return MAX_CONTROL
+
+
+def pages_payload_size(count: int, present: int) -> int:
+    return 4 + 4 * count + (count + 7) // 8 + PAGE_SIZE * present
+
+
+class ProtocolError(Exception):
+    """The peer sent something this protocol does not allow."""
+
+
+class PeerClosed(ConnectionError):
+    """The connection ended (cleanly or not) in the middle of the protocol."""
+
+
+class Interrupted(Exception):
+    """A wait was cut short because the local side asked to stop."""
+
+
+# --------------------------------------------------------------------------
+class Channel:
+    """One authenticated TLS connection carrying frames.
+
+    ``recv`` returns a memoryview into a buffer owned by the channel that is
+    valid until the next ``recv``: page data is parsed in place, never copied
+    into Python objects.
+    """
+
+    POLL = 0.2  # how often a blocked read looks at the stop flag
+
+    def __init__(self, sock: ssl.SSLSocket, *, io_timeout: float):
+        self.sock = sock
+        self.io_timeout = io_timeout
+        self.bytes_out = 0
+        self._head = bytearray(HEADER.size)
+        self._small = bytearray(MAX_CONTROL)
+        self._big: bytearray | None = None  # allocated on the first page frame
+        self._send_lock = threading.Lock()  # ABORT may be sent from another thread
+        self._timeout: float | None = None   # last value given to settimeout()
+
+    # -- sending ------------------------------------------------------------
+    def send(self, mtype: int, payload: bytes | memoryview = b"") -> None:
+        frame = HEADER.pack(mtype, len(payload)) + bytes(payload)
+        self.send_raw(frame)
+
+    def send_json(self, mtype: int, obj: dict[str, Any]) -> None:
+        data = json.dumps(obj, separators=(",", ":")).encode()
+        if len(data) > MAX_CONTROL:
+            raise ProtocolError(f"control message of {len(data)} bytes is too large")
+        self.send(mtype, data)
+
+    def send_raw(self, *parts: bytes | memoryview) -> None:
+        """Send one complete frame given as consecutive parts."""
+        with self._send_lock:
+            self._set_timeout(self.io_timeout)
+            for part in parts:
+                if len(part):
+                    self.sock.sendall(part)
+                    self.bytes_out += len(part)
+
+    # -- receiving ----------------------------------------------------------
+    def recv(self, *, timeout: float | None = None, stop: threading.Event | None = None,
+             into: bytearray | None = None) -> tuple[Msg, memoryview]:
+        """The next frame.  ``timeout`` bounds the wait for it to START (the
+        default is the I/O timeout); once started, each read may take up to
+        the I/O timeout.  With ``stop``, the wait ends with `Interrupted` soon
+        after the event is set.  With ``into`` (at least ``max_payload(PAGES)``
+        bytes) the payload lands there instead of the channel's buffer."""
+        deadline = time.monotonic() + (self.io_timeout if timeout is None else timeout)
+        head = memoryview(self._head)
+        self._read_into(head, deadline, stop)
+        mtype, length = HEADER.unpack(self._head)
+        try:
+            msg = Msg(mtype)
+        except ValueError:
+            raise ProtocolError(f"unknown frame type 0x{mtype:02x}") from None
+        if length > max_payload(msg):
+            raise ProtocolError(f"{msg.name} frame of {length} bytes exceeds the limit")
+        buf = into if into is not None else self._buffer(length)
+        view = memoryview(buf)[:length]
+        self._read_into(view, time.monotonic() + self.io_timeout, stop)
+        return msg, view
+
+    def recv_json(self, expected: set[Msg], **kw: Any) -> tuple[Msg, dict[str, Any]]:
+        msg, payload = self.recv(**kw)
+        if msg not in expected:
+            raise ProtocolError(f"unexpected {msg.name} frame (expected "
+                                f"{'/'.join(sorted(m.name for m in expected))})")
+        return msg, decode_json(payload, msg)
+
+    def _buffer(self, length: int) -> bytearray:
+        if length <= len(self._small):
+            return self._small
+        if self._big is None:
+            self._big = bytearray(max_payload(Msg.PAGES))
+        return self._big
+
+    def _read_into(self, view: memoryview, deadline: float,
+                   stop: threading.Event | None) -> None:
+        # A read returns at most one TLS record (16 KiB): 65 536 reads per
+        # GiB, so the loop does nothing else while data flows.  The socket
+        # timeout bounds each read (never beyond what is left), and the
+        # deadline and the stop flag are looked at when a read times out;
+        # settimeout() is a system call, made only when the value changes.
+        if stop is not None and stop.is_set():
+            raise Interrupted()
+        per_read = self.POLL if stop is not None else deadline - time.monotonic()
+        self._set_timeout(max(per_read, 0.001))
+        recv_into, got, n = self.sock.recv_into, 0, len(view)
+        while got < n:
+            try:
+                k = recv_into(view[got:], n - got)
+            except TimeoutError:  # nothing was consumed
+                if stop is not None and stop.is_set():
+                    raise Interrupted() from None
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("timed out waiting for the peer") from None
+                self._set_timeout(min(per_read, left))
+                continue
+            if k == 0:
+                raise PeerClosed("the peer closed the connection")
+            got += k
+
+    def _set_timeout(self, value: float) -> None:
+        # Within 10 % is close enough: the deadline is enforced above.
+        if self._timeout is None or not 0.9 * self._timeout <= value <= self._timeout:
+            self.sock.settimeout(value)
+            self._timeout = value
+
+    def try_send_json(self, mtype: int, obj: dict[str, Any], timeout: float) -> bool:
+        """Best effort (ABORT on the way out): give up rather than wait long
+        for a sender stuck on a dead link."""
+        if not self._send_lock.acquire(timeout=timeout):
+            return False
+        try:
+            self.io_timeout = min(self.io_timeout, timeout)
+            data = json.dumps(obj, separators=(",", ":")).encode()
+            self._set_timeout(timeout)
+            self.sock.sendall(HEADER.pack(mtype, len(data)) + data)
+            return True
+        except (OSError, ValueError):
+            return False
+        finally:
+            self._send_lock.release()
+
+    def shutdown(self) -> None:
+        """Wake any thread blocked on this connection (it gets an error).
+        Safe from another thread: the base-class shutdown leaves the TLS
+        object alone, whereas SSLSocket.shutdown drops it, and a reader
+        racing with that would read raw ciphertext as frames."""
+        try:
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        # No shutdown(SHUT_RD) first: a socket shut for reading advertises a
+        # zero window, and a peer still sending would wait on it until its
+        # timeout instead of getting a reset from the closed socket.
+        self.sock.close()
+
+
+def decode_json(payload: memoryview, msg: Msg) -> dict[str, Any]:
+    try:
+        obj = json.loads(bytes(payload))
+    except (UnicodeDecodeError, ValueError):
+        raise ProtocolError(f"{msg.name} frame is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"{msg.name} frame is not a JSON object")
+    return obj
+
+
+# --------------------------------------------------------------------------
+class Fingerprints:
+    """Per-page 64-bit fingerprints and the root digest over them.
+
+    ``fp(page) = sum(w[j] * k[j]) mod 2**64`` over the page's 1024 little-endian
+    u32 words ``w`` with 64-bit keys ``k`` derived from a per-migration seed
+    (a multilinear hash: for two different pages the chance of equal
+    fingerprints is at most 2**-32 whatever their content).  A zero page's
+    fingerprint is 0.  Both ends keep a table updated for every page they
+    send or apply; after the pause the root (SHA-256 over the table) says
+    whether the destination holds what the source last read, without hashing
+    the whole memory inside the downtime.
+    """
+
+    def __init__(self, seed: bytes, npages: int):
+        raw = hashlib.shake_256(_FP_DOMAIN + seed).digest(_WORDS * 8)
+        self.keys = np.frombuffer(raw, dtype="<u8").copy()
+        self.table = np.zeros(npages, dtype=np.uint64)
+
+    def of(self, pages: np.ndarray) -> np.ndarray:
+        """Fingerprints of a (n, PAGE_SIZE) uint8 array of pages."""
+        if len(pages) == 0:
+            return np.zeros(0, dtype=np.uint64)
+        words = pages.reshape(len(pages), PAGE_SIZE).view("<u4")
+        return np.einsum("ij,j->i", words, self.keys, dtype=np.uint64, casting="unsafe")
+
+    def update(self, indices: np.ndarray, present: np.ndarray, data: np.ndarray) -> None:
+        """Record a batch: ``data`` holds the present pages, in order."""
+        self.table[indices[~present]] = 0
+        self.table[indices[present]] = self.of(data)
+
+    def root(self) -> str:
+        h = hashlib.sha256(_ROOT_DOMAIN)
+        h.update(struct.pack("<Q", len(self.table)))
+        h.update(self.table.astype("<u8", copy=False).tobytes())
+        return h.hexdigest()
+
+
+# --------------------------------------------------------------------------
+@dataclass
+class EncodedBatch:
+    head: bytes          # frame header + count + indices + bitmap
+    data: memoryview     # the non-zero pages, in index order
+    pages: int           # pages in the batch
+    data_pages: int      # of which non-zero (carried)
+
+    @property
+    def size(self) -> int:
+        return len(self.head) + len(self.data)
+
+
+def encode_pages(indices: np.ndarray, data: bytes | memoryview,
+                 fingerprints: Fingerprints | None = None) -> EncodedBatch:
+    """A PAGES frame for ``data`` (the pages at ``indices``, concatenated).
+
+    Payload: u32 count, count x u32 page index (strictly increasing), the
+    presence bitmap (bit j, LSB first, set = page j's bytes follow), then the
+    non-zero pages in index order.  The frame comes in two parts, sent back
+    to back, so the page bytes are never copied behind a header: when no page
+    is zero they are ``data`` itself, else one boolean-mask gather.
+    """
+    count = len(indices)
+    if not 1 <= count <= MAX_BATCH_PAGES:
+        raise ValueError(f"a batch holds 1..{MAX_BATCH_PAGES} pages")
+    pages = np.frombuffer(data, dtype=np.uint8).reshape(count, PAGE_SIZE)
+    # max() over u64 words is the cheapest whole-page "any byte set" test.
+    present = pages.view("<u8").max(axis=1) != 0
+    npresent = int(np.count_nonzero(present))
+    carried = pages if npresent == count else pages[present]
+    if fingerprints is not None:
+        fingerprints.update(indices, present, carried)
+    head = b"".join((
+        HEADER.pack(Msg.PAGES, pages_payload_size(count, npresent)),
+        struct.pack("<I", count),
+        indices.astype("<u4").tobytes(),
+        np.packbits(present, bitorder="little").tobytes()))
+    return EncodedBatch(head, memoryview(carried.reshape(-1)), count, npresent)
+
+
+@dataclass
+class DecodedBatch:
+    indices: np.ndarray   # int64, strictly increasing, < npages
+    present: np.ndarray   # bool, per index
+    data: np.ndarray      # (present pages, PAGE_SIZE) uint8 view into the frame
+
+
+def decode_pages(payload: memoryview, npages: int) -> DecodedBatch:
+    """Parse and validate a PAGES payload in place (destination side)."""
+    n = len(payload)
+    raw = np.frombuffer(payload, dtype=np.uint8)
+    if n < 4:
+        raise ProtocolError("PAGES frame is truncated")
+    count = int(raw[:4].view("<u4")[0])
+    if not 1 <= count <= MAX_BATCH_PAGES:
+        raise ProtocolError(f"PAGES frame holds {count} pages (1..{MAX_BATCH_PAGES})")
+    nbitmap = (count + 7) // 8
+    head = 4 + 4 * count + nbitmap
+    if n < head:
+        raise ProtocolError("PAGES frame is truncated")
+    indices = raw[4:4 + 4 * count].view("<u4").astype(np.int64)
+    if indices[-1] >= npages or (count > 1 and not np.all(indices[1:] > indices[:-1])):
+        raise ProtocolError("PAGES indices must increase strictly and stay below "
+                            f"{npages}")
+    bits = np.unpackbits(raw[4 + 4 * count:head], bitorder="little")
+    if bits[count:].any():
+        raise ProtocolError("PAGES bitmap has padding bits set")
+    present = bits[:count].astype(bool)
+    npresent = int(np.count_nonzero(present))
+    if n != head + npresent * PAGE_SIZE:
+        raise ProtocolError(f"PAGES frame is {n} bytes, its bitmap says "
+                            f"{head + npresent * PAGE_SIZE}")
+    data = raw[head:].reshape(npresent, PAGE_SIZE)
+    return DecodedBatch(indices, present, data)
+
+
+# --------------------------------------------------------------------------
+# pipelining: overlap TLS with the page work on either side
+class FrameSender:
+    """Sends queued frames from its own thread, so that reading and encoding
+    the next batch overlaps the TLS encryption of this one (the ssl module
+    releases the GIL while it encrypts).  The first send error is kept and
+    raised to the producer at its next put/drain."""
+
+    def __init__(self, chan: Channel, depth: int = 2):
+        self._chan = chan
+        self._queue: queue.Queue[tuple[Any, ...]] = queue.Queue(maxsize=depth)
+        self._closed = threading.Event()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="relocation-sender",
+                                        daemon=True)
+        self._thread.start()
+
+    def put(self, parts: tuple[Any, ...], stop: threading.Event) -> None:
+        while True:
+            self._check(stop)
+            try:
+                self._queue.put(parts, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def drain(self, stop: threading.Event) -> None:
+        while self._queue.unfinished_tasks:
+            self._check(stop)
+            time.sleep(0.0002)  # a round ends once; a short poll costs nothing
+        self._check(None)
+
+    def _check(self, stop: threading.Event | None) -> None:
+        if self.error is not None:
+            raise self.error
+        if stop is not None and stop.is_set():
+            raise Interrupted()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join(5.0)
+
+    def _run(self) -> None:
+        while not self._closed.is_set():
+            try:
+                parts = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            try:
+                if self.error is None:  # after an error, only drain the queue
+                    self._chan.send_raw(*parts)
+            except BaseException as exc:  # noqa: BLE001 - handed to the producer
+                self.error = exc
+            finally:
+                self._queue.task_done()
+
+
+class FramePrefetcher:
+    """Reads pre-copy frames ahead on its own thread, into two buffers used
+    in turn, while the connection thread applies the previous frame: TLS
+    decryption (which releases the GIL) overlaps writing and fingerprinting
+    pages.  Stops after the VCPU or ABORT frame.
+
+    An OpenSSL connection must never be read and written by two threads at
+    once, so after a SYNC frame (which the connection thread answers) the
+    reader waits until the answer is out; the source sends nothing in
+    between anyway."""
+
+    def __init__(self, chan: Channel):
+        self._chan = chan
+        self._free: queue.Queue[bytearray | None] = queue.Queue()
+        self._ready: queue.Queue[Any] = queue.Queue()
+        self._answered = threading.Event()
+        for _ in range(2):
+            self._free.put(bytearray(max_payload(Msg.PAGES)))
+        self._thread = threading.Thread(target=self._run, name="relocation-reader",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while (buf := self._free.get()) is not None:
+                msg, payload = self._chan.recv(into=buf)
+                self._answered.clear()
+                self._ready.put((msg, payload, buf))
+                if msg in (Msg.VCPU, Msg.ABORT):
+                    return
+                if msg is Msg.SYNC:
+                    self._answered.wait()
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            self._ready.put(exc)
+
+    def get(self) -> tuple[Msg, memoryview, bytearray]:
+        # The reader's own reads are bounded by the I/O timeout; so is this.
+        try:
+            item = self._ready.get(timeout=self._chan.io_timeout * 2 + 1)
+        except queue.Empty:
+            raise TimeoutError("timed out waiting for the peer") from None
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def release(self, buf: bytearray, answered: bool = False) -> None:
+        self._free.put(buf)
+        if answered:
+            self._answered.set()
+
+    def stop(self) -> None:
+        """End the reader before anyone else touches the connection: after
+        VCPU/ABORT it has returned; otherwise (a failure) it may be blocked
+        reading, and the connection is shut to wake it."""
+        self._free.put(None)
+        self._answered.set()
+        self._thread.join(0.05)
+        if self._thread.is_alive():
+            self._chan.shutdown()
+            self._thread.join(self._chan.io_timeout)
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for an operator: what went wrong on the channel."""
+    if isinstance(exc, TimeoutError):
+        return "timed out waiting for the peer"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS error: {exc.reason or exc}"
+    if isinstance(exc, ProtocolError):
+        return f"protocol error: {exc}"
+    if isinstance(exc, ConnectionError | OSError):
+        return f"connection lost: {exc}"
+    return f"{type(exc).__name__}: {exc}"
