@@ -98,8 +98,8 @@ class MigrateJob(Job):
             self.driver, self.guest_uuid, self.dest_address, self.dest_port, self.dest_host,
             self._ticket, context, self.settings, self._forward, source_host=self.host.name,
             revoked_serials=getattr(self, "revoked_serials", frozenset()))
-        if not self.live:
-            self.driver.pause(self.guest_uuid)  # not live: pause, copy, resume there
+        # Not live = no iteration: one copy round, then stop-and-copy. (The engine
+        # refuses an already-paused guest, so the pause is its stop-and-copy.)
         if self.aborted.is_set():
             self._resume_if_paused()
             raise JobAborted()
