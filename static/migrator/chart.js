@@ -22,8 +22,9 @@ window.BerthChart = (function () {
     var points = [];
     rounds.forEach(function (r, i) {
       var h = plotH * (r.dirty_pages || 0) / maxDirty;
-      var bar = el("rect", {"class": "bar", x: left + i * step + step * 0.15, y: top + plotH - h,
-                            width: step * 0.7, height: h});
+      var width = Math.min(step * 0.7, 48);  // one round must not fill the chart
+      var bar = el("rect", {"class": "bar", x: left + i * step + (step - width) / 2,
+                            y: top + plotH - h, width: width, height: h});
       bar.appendChild(el("title", {}, "round " + r.round + ": " + r.dirty_pages + " dirty pages, " +
                          (r.bandwidth_mbps || 0).toFixed(1) + " MB/s"));
       svg.appendChild(bar);
@@ -31,6 +32,10 @@ window.BerthChart = (function () {
       points.push((left + i * step + step / 2) + "," + (top + plotH - plotH * (r.bandwidth_mbps || 0) / maxBw));
     });
     svg.appendChild(el("polyline", {"class": "line", points: points.join(" ")}));
+    points.forEach(function (p) {  // a marker per round, visible even for a single round
+      var xy = p.split(",");
+      svg.appendChild(el("circle", {"class": "point", cx: xy[0], cy: xy[1], r: 4}));
+    });
     svg.appendChild(el("text", {x: 2, y: top + 10}, String(maxDirty)));
     svg.appendChild(el("text", {x: 2, y: top + plotH}, "0"));
     svg.appendChild(el("text", {x: W - right + 4, y: top + 10}, maxBw.toFixed(0) + " MB/s"));
