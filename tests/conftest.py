@@ -81,3 +81,17 @@ def auditor_client(auditor_user):
 @pytest.fixture
 def outsider_client(outsider_user):
     return _client_for(outsider_user)
+
+
+@pytest.fixture
+def private_vault(settings, tmp_path):
+    """A vault and keyring of this test's own, so tests never share images or keys."""
+    from vault import service
+
+    settings.VAULT_DIR = tmp_path / "vault"
+    settings.VAULT_KEYRING = tmp_path / "keys" / "vault-keyring.json"
+    settings.VAULT_KEYRING_ENV = None
+    settings.VAULT_CHUNK_MIB = 1
+    service.reset_caches()
+    yield settings.VAULT_DIR
+    service.reset_caches()

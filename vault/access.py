@@ -84,7 +84,7 @@ def require(request, action, image, *, audit_allowed=True):
 def visible_images(request):
     """The images the caller may view: the queryset behind every listing."""
     user = request.user
-    if not user.is_authenticated or not _token_scope_ok(request, "view"):
+    if not user.is_authenticated or not roles.token_allows(request, SCOPES["view"]):
         return SavedImage.objects.none()
     if _role_allows(user, "view"):
         images = SavedImage.objects.all()
@@ -95,11 +95,6 @@ def visible_images(request):
     if token_images:
         images = images.filter(id__in=token_images)
     return images
-
-
-def _token_scope_ok(request, action) -> bool:
-    token = getattr(request, "auth", None)
-    return token is None or not hasattr(token, "scopes") or token.has_scope(SCOPES[action])
 
 
 def can_upload(request) -> bool:

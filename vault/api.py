@@ -1,4 +1,6 @@
 """The vault under /api/v1/images/ (upload is vault.upload, download vault.download)."""
+import uuid
+
 from django import forms
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import extend_schema
@@ -36,8 +38,6 @@ class ImageFilter(forms.Form):
 
 
 def _uuid_or_none(value):
-    import uuid
-
     try:
         return uuid.UUID(value)
     except ValueError:

@@ -4,7 +4,6 @@ Glue between the Django-free cores (vault.format, vault.keys, vault.storage)
 and the rest of the portal. Every function that touches an image takes the
 already-authorised image; access checks live in vault.access.
 """
-import logging
 import os
 import time
 import uuid
@@ -22,9 +21,8 @@ from vault import keys as vkeys
 from vault import signals
 from vault.access import ACTIONS, PERMISSIONS
 from vault.models import SavedImage
+from vault.serializers import SavedImageSerializer
 from vault.storage import LocalStorage
-
-log = logging.getLogger(__name__)
 
 ALGORITHMS = {"aes-256-gcm": vformat.ALG_AES_256_GCM,
               "chacha20-poly1305": vformat.ALG_CHACHA20_POLY1305}
@@ -64,19 +62,16 @@ class ImageSink:
         self.header = self._encoder.header
         self._writer = storage().open_writer(str(self.image_id))
         self._writer.write(self.header)
-        self.stored_size = len(self.header)
 
     def write(self, data: bytes):
         for record in self._encoder.feed(data):
             self._writer.write(record)
-            self.stored_size += len(record)
 
     def finish(self, expected_sha256=None):
         """Seal the stream and, if its digest is the expected one, make the
         object and its key envelope durable. Returns the image's stats."""
         for record in self._encoder.finish():
             self._writer.write(record)
-            self.stored_size += len(record)
         stats = self._encoder.stats
         if expected_sha256 and expected_sha256 != stats.sha256:
             raise DigestMismatch(stats.sha256, expected_sha256)
@@ -111,7 +106,7 @@ def register_image(request, sink, stats, meta):
             image = SavedImage.objects.create(
                 id=sink.image_id, name=meta["name"], guest_uuid=meta.get("guest_uuid"),
                 guest_name=meta.get("guest_name", ""), source_host=meta.get("source_host", ""),
-                plaintext_size=stats.plaintext_size, stored_size=sink.stored_size,
+                plaintext_size=stats.plaintext_size, stored_size=stats.stored_size,
                 sha256=stats.sha256, key_version=sink.key_version,
                 format_version=vformat.FORMAT_VERSION, algorithm=settings.VAULT_ALGORITHM,
                 chunk_size=settings.VAULT_CHUNK_MIB * 1024 * 1024,
@@ -132,8 +127,6 @@ def register_image(request, sink, stats, meta):
 
 
 def image_json(image):
-    from vault.serializers import SavedImageSerializer
-
     return SavedImageSerializer(image).data
 
 

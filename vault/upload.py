@@ -9,7 +9,6 @@ committed. Any failure or disconnect aborts the writer: no object, no row.
 """
 import asyncio
 import json
-import logging
 import re
 import uuid
 
@@ -21,7 +20,6 @@ from portal.asgi_auth import authenticate_scope
 from portal.models import Outcome
 from vault import access, service
 
-log = logging.getLogger(__name__)
 UPLOAD_PATH = "/api/v1/images/"
 # Hand the encryptor pieces this large: fewer thread hops, still bounded memory.
 FEED_BYTES = 1024 * 1024

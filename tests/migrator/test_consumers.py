@@ -1,25 +1,32 @@
 """The agent socket and the job sockets, through the real routing."""
 import pytest
 from asgiref.sync import sync_to_async
-from django.test import RequestFactory
+from django.test import Client, RequestFactory
 
 from migrator import orchestrate
 from migrator.enrollment import revoke
 from migrator.models import Guest, Job, JobState
 from portal.models import AuditRecord
-from portal.routing import browser_routes
+from portal.routing import websocket_application
 from tests.migrator.conftest import GUEST, agent_socket, connect_agent
 from tests.support.channels_testing import WebsocketCommunicator
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-def jobs_socket(user, path="/ws/jobs/"):
-    from channels.routing import URLRouter
+async def jobs_socket(user, path="/ws/jobs/"):
+    """A browser's socket through the real routing: origin check and session cookie."""
+    headers = [(b"origin", b"http://127.0.0.1")]
+    if user.is_authenticated:
+        cookie = await sync_to_async(_session_cookie)(user)
+        headers.append((b"cookie", f"sessionid={cookie}".encode()))
+    return WebsocketCommunicator(websocket_application, path, headers=headers)
 
-    socket = WebsocketCommunicator(URLRouter(browser_routes), path)
-    socket.scope["user"] = user
-    return socket
+
+def _session_cookie(user):
+    client = Client()
+    client.force_login(user)
+    return client.cookies["sessionid"].value
 
 
 def as_request(user):
@@ -60,7 +67,7 @@ async def test_revoked_host_is_cut_off(enrolled):
 
 async def test_save_command_reaches_the_agent_and_events_reach_watchers(enrolled, admin_user):
     agent = await connect_agent(enrolled["hostb"], "hostb")
-    watcher = jobs_socket(admin_user)
+    watcher = await jobs_socket(admin_user)
     assert (await watcher.connect())[0]
     assert (await watcher.receive_json_from())["type"] == "snapshot"
     job = await sync_to_async(orchestrate.request_save)(as_request(admin_user), GUEST["uuid"])
@@ -89,7 +96,7 @@ async def test_a_watcher_connecting_mid_job_gets_the_current_state(enrolled, adm
         "kind": "progress", "stage": "saving", "done_bytes": 70, "total_bytes": 100}})
     await agent.send_json_to({"type": "inventory", "capacity": {}, "guests": [GUEST]})
     await agent.receive_nothing(timeout=0.3)
-    watcher = jobs_socket(admin_user, f"/ws/jobs/{job.id}/")
+    watcher = await jobs_socket(admin_user, f"/ws/jobs/{job.id}/")
     assert (await watcher.connect())[0]
     snapshot = await watcher.receive_json_from(timeout=5)
     assert snapshot["jobs"][0]["percent"] == 70 and snapshot["jobs"][0]["stage"] == "saving"
@@ -101,7 +108,7 @@ async def test_auditor_sees_job_states_but_the_socket_is_read_only(enrolled, adm
                                                                     auditor_user):
     agent = await connect_agent(enrolled["hostb"], "hostb")
     job = await sync_to_async(orchestrate.request_save)(as_request(admin_user), GUEST["uuid"])
-    watcher = jobs_socket(auditor_user, f"/ws/jobs/{job.id}/")
+    watcher = await jobs_socket(auditor_user, f"/ws/jobs/{job.id}/")
     assert (await watcher.connect())[0]
     assert (await watcher.receive_json_from())["jobs"][0]["id"] == str(job.id)
     await watcher.send_json_to({"action": "save", "guest": GUEST["uuid"]})
@@ -114,13 +121,13 @@ async def test_auditor_sees_job_states_but_the_socket_is_read_only(enrolled, adm
 async def test_anonymous_job_sockets_are_refused(enrolled):
     from django.contrib.auth.models import AnonymousUser
 
-    assert not (await jobs_socket(AnonymousUser()).connect())[0]
+    assert not (await (await jobs_socket(AnonymousUser())).connect())[0]
 
 
 async def test_outsider_cannot_watch_someone_elses_job(enrolled, admin_user, outsider_user):
     agent = await connect_agent(enrolled["hostb"], "hostb")
     job = await sync_to_async(orchestrate.request_save)(as_request(admin_user), GUEST["uuid"])
-    assert not (await jobs_socket(outsider_user, f"/ws/jobs/{job.id}/").connect())[0]
+    assert not (await (await jobs_socket(outsider_user, f"/ws/jobs/{job.id}/")).connect())[0]
     await agent.disconnect()
 
 

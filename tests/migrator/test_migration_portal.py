@@ -27,7 +27,7 @@ async def test_ticketed_two_step_start_rounds_and_outcome(enrolled, admin_user):
     assert start["parameters"]["downtime_ms"] == 20 and start["parameters"]["live"] is True
     assert (await Job.objects.aget(id=job.id)).pending_ticket == ""
 
-    watcher = jobs_socket(admin_user, f"/ws/jobs/{job.id}/")
+    watcher = await jobs_socket(admin_user, f"/ws/jobs/{job.id}/")
     assert (await watcher.connect())[0]
     await watcher.receive_json_from()
     for number, dirty in ((1, 500), (2, 120)):

@@ -6,7 +6,7 @@ from migrator.models import Host, Job
 from portal.accounts import issue_token
 from portal.models import AuditRecord
 from tests.migrator.conftest import GUEST, hello
-from tests.vault.conftest import private_vault, store_image  # noqa: F401  (fixture)
+from tests.vault.conftest import store_image
 
 IMAGE_META = {"guest_uuid": "0b6a3d7e-29f5-4c1f-8d0e-3d8c2f7b9a10", "guest_name": "etch",
               "memory_mib": 128, "architecture": "x86_64", "virt_extensions": "vmx"}
@@ -30,7 +30,7 @@ def sent(monkeypatch):
 
 
 @pytest.fixture
-def image(admin_user, private_vault):  # noqa: F811
+def image(admin_user, private_vault):
     return store_image(admin_user, b"\x00" * 4096 + b"state" * 1000, **IMAGE_META)
 
 

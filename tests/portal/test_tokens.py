@@ -15,22 +15,9 @@ from portal.models import APIToken, AuditRecord, Outcome
 from portal.scopes import ROLE_SCOPES, SCOPES
 from tests.conftest import set_api_rates
 from tests.vault.conftest import memory_like, store_image
-from vault import service
 from vault.models import SavedImage
 
 AUDITOR_SCOPES = sorted(ROLE_SCOPES["auditor"])
-
-
-@pytest.fixture
-def vault_dir(settings, tmp_path):
-    """A private vault and keyring for this test (as tests/vault/conftest.py's private_vault)."""
-    settings.VAULT_DIR = tmp_path / "vault"
-    settings.VAULT_KEYRING = tmp_path / "keys" / "vault-keyring.json"
-    settings.VAULT_KEYRING_ENV = None
-    settings.VAULT_CHUNK_MIB = 1
-    service.reset_caches()
-    yield settings.VAULT_DIR
-    service.reset_caches()
 
 
 def with_token(token):
@@ -344,7 +331,7 @@ def running_guest(db):
 
 
 def test_auditor_token_with_every_scope_still_cannot_save_or_delete(
-        vault_dir, admin_user, auditor_user, running_guest):
+        private_vault, admin_user, auditor_user, running_guest):
     image = store_image(admin_user, memory_like(64 * 1024))
     _, secret = issue_token(auditor_user, sorted(SCOPES), days=1)
     client = with_token(secret)
@@ -374,7 +361,7 @@ def test_outsider_token_with_every_scope_cannot_read_audit_or_inventory(outsider
 
 
 def test_image_restricted_token_downloads_only_the_listed_image(
-        vault_dir, admin_user, outsider_user, outsider_client):
+        private_vault, admin_user, outsider_user, outsider_client):
     data = memory_like(2 * 1024 * 1024 + 99)
     listed = store_image(admin_user, data, name="listed")
     other = store_image(admin_user, memory_like(4096, seed=2), name="other")
@@ -398,7 +385,7 @@ def test_image_restricted_token_downloads_only_the_listed_image(
     assert client.get(f"/api/v1/images/{other.id}").status_code == 403
 
 
-def test_cannot_restrict_a_token_to_an_image_one_may_not_see(vault_dir, admin_user,
+def test_cannot_restrict_a_token_to_an_image_one_may_not_see(private_vault, admin_user,
                                                              outsider_client):
     hidden = store_image(admin_user, memory_like(4096), name="hidden")
     response = post_json(outsider_client, "/api/v1/tokens/", {
@@ -409,7 +396,7 @@ def test_cannot_restrict_a_token_to_an_image_one_may_not_see(vault_dir, admin_us
     assert AuditRecord.objects.filter(action="token.issue", outcome=Outcome.DENIED).exists()
 
 
-def test_page_restricts_a_token_to_listed_images(vault_dir, admin_user, admin_client):
+def test_page_restricts_a_token_to_listed_images(private_vault, admin_user, admin_client):
     one = store_image(admin_user, memory_like(4096), name="one")
     two = store_image(admin_user, memory_like(4096, seed=3), name="two")
     response = issue_from_page(admin_client, scopes=["images:read", "images:download"],
@@ -419,7 +406,7 @@ def test_page_restricts_a_token_to_listed_images(vault_dir, admin_user, admin_cl
     assert str(one.id).encode() in admin_client.get("/tokens/").content
 
 
-def test_issue_token_refuses_images_that_do_not_exist(vault_dir, admin_user):
+def test_issue_token_refuses_images_that_do_not_exist(private_vault, admin_user):
     from portal.accounts import AccountError
 
     with pytest.raises(AccountError, match="no such image"):
@@ -427,7 +414,7 @@ def test_issue_token_refuses_images_that_do_not_exist(vault_dir, admin_user):
     assert not APIToken.objects.exists()
 
 
-def test_an_admin_token_cannot_manage_grants(vault_dir, admin_user):
+def test_an_admin_token_cannot_manage_grants(private_vault, admin_user):
     image = store_image(admin_user, memory_like(4096))
     _, secret = issue_token(admin_user, sorted(SCOPES), days=1)
     response = post_json(with_token(secret), f"/api/v1/images/{image.id}/grants",

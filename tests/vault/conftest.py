@@ -8,14 +8,9 @@ from vault import service
 
 
 @pytest.fixture(autouse=True)
-def private_vault(settings, tmp_path):
-    settings.VAULT_DIR = tmp_path / "vault"
-    settings.VAULT_KEYRING = tmp_path / "keys" / "vault-keyring.json"
-    settings.VAULT_KEYRING_ENV = None
-    settings.VAULT_CHUNK_MIB = 1
-    service.reset_caches()
-    yield settings.VAULT_DIR
-    service.reset_caches()
+def _vault_for_every_test(private_vault):
+    """Every vault test gets the private vault (fixture in tests/conftest.py)."""
+    return private_vault
 
 
 def request_as(user, path="/", verified=True):
