@@ -129,30 +129,34 @@ class JobsConsumer(AsyncJsonWebsocketConsumer):
     async def connect(self):
         user = self.scope.get("user")
         self.job_id = self.scope["url_route"]["kwargs"].get("job_id")
-        snapshots = await database_sync_to_async(self._authorise)(user)
-        if snapshots is None:
+        if not await database_sync_to_async(self._authorise)(user):
             await self.close()
             return
         group = progress.job_group(self.job_id) if self.job_id else progress.ALL_JOBS
+        # Subscribe before reading the snapshot: an event published in between then
+        # arrives (again) after it instead of falling into a gap; `seq` tells repeats.
         await self.channel_layer.group_add(group, self.channel_name)
+        snapshots = await database_sync_to_async(self._snapshots)(user)
         await self.accept()
         # The current state at once, so a page reconnecting mid-job is up to date.
         await self.send_json({"type": "snapshot", "jobs": snapshots})
 
     def _authorise(self, user):
         if user is None or not user.is_authenticated:
-            return None
+            return False
         self.sees_all = access.can_see_all(user)
         if self.job_id is None:
-            jobs = Job.objects.all() if self.sees_all else Job.objects.filter(
-                requester=user)
-            return [progress.snapshot(j) for j in jobs.select_related(
-                "source_host", "destination_host", "requester")[:50]]
-        job = Job.objects.select_related("source_host", "destination_host", "requester").filter(
-            id=self.job_id).first()
-        if job is None or not access.can_view_job(user, job):
-            return None
-        return [progress.snapshot(job)]
+            return True
+        job = Job.objects.filter(id=self.job_id).first()
+        return job is not None and access.can_view_job(user, job)
+
+    def _snapshots(self, user):
+        jobs = Job.objects.select_related("source_host", "destination_host", "requester")
+        if self.job_id is not None:
+            return [progress.snapshot(j) for j in jobs.filter(id=self.job_id)]
+        if not self.sees_all:
+            jobs = jobs.filter(requester=user)
+        return [progress.snapshot(j) for j in jobs[:50]]
 
     async def disconnect(self, code):
         group = progress.job_group(self.job_id) if self.job_id else progress.ALL_JOBS

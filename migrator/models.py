@@ -146,6 +146,9 @@ class Job(models.Model):
     # The single-use relocation ticket, held only until the source is told to
     # start (so whichever portal process hears "expecting" can pass it on).
     pending_ticket = models.CharField(max_length=64, blank=True)
+    # Sequence number of the last event published for this job (progress.publish):
+    # watchers check they missed none.
+    event_seq = models.PositiveBigIntegerField(default=0)
     result = models.JSONField(default=dict, blank=True)
     error = models.TextField(blank=True)
     idempotency_key = models.CharField(max_length=200, blank=True, db_index=True)
@@ -158,6 +161,14 @@ class Job(models.Model):
 
     def __str__(self):
         return f"{self.kind} {self.guest_name or self.guest_uuid} ({self.state})"
+
+    def save(self, *args, **kwargs):
+        # event_seq moves only by progress.publish's atomic UPDATE: a full save of an
+        # instance loaded earlier must not move it back.
+        if not self._state.adding and kwargs.get("update_fields") is None:
+            kwargs["update_fields"] = [f.name for f in self._meta.concrete_fields
+                                       if not f.primary_key and f.name != "event_seq"]
+        super().save(*args, **kwargs)
 
     @property
     def is_final(self):

@@ -3,9 +3,20 @@
 Every change goes to the row first, so a page that connects late (or to
 another portal process) reads the current state at once; then a typed event
 goes to the channel layer groups ``jobs`` and ``job.<id>``.
+
+Each event carries ``seq`` (1, 2, 3 … per job, gap-free, kept on the row as
+``event_seq``, so it holds across portal processes) and ``published_at`` (Unix
+time): a watcher whose snapshot said ``event_seq = n`` knows it must receive
+n+1 … up to the final job's ``event_seq``, and can measure delivery latency.
 """
+import time
+
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
+from django.db import transaction
+from django.db.models import F
+
+from migrator.models import Job
 
 ALL_JOBS = "jobs"
 ALL_AGENTS = "agents"
@@ -26,7 +37,7 @@ def snapshot(job) -> dict:
         "image": str(job.image_id) if job.image_id else None,
         "requester": job.requester.get_username() if job.requester else None,
         "timeline": job.timeline, "rounds": job.rounds, "parameters": job.parameters,
-        "result": job.result, "error": job.error,
+        "result": job.result, "error": job.error, "event_seq": job.event_seq,
         "created_at": job.created_at.isoformat() if job.created_at else None,
         "started_at": job.started_at.isoformat() if job.started_at else None,
         "finished_at": job.finished_at.isoformat() if job.finished_at else None,
@@ -38,9 +49,18 @@ def publish(job, event_type, extra=None):
     layer = get_channel_layer()
     if layer is None:
         return
+    job.event_seq = next_seq(job.pk)
     message = {"type": "job.event", "requester_id": job.requester_id,
-               "event": {"type": event_type, "job": snapshot(job), **(extra or {})}}
+               "event": {"type": event_type, "seq": job.event_seq, "job": snapshot(job),
+                         **(extra or {}), "published_at": time.time()}}
     async_to_sync(_send)(layer, job.id, message)
+
+
+def next_seq(job_id) -> int:
+    """Advance the job's event counter in the database and return the new value."""
+    with transaction.atomic():
+        Job.objects.filter(pk=job_id).update(event_seq=F("event_seq") + 1)
+        return Job.objects.filter(pk=job_id).values_list("event_seq", flat=True).get()
 
 
 async def _send(layer, job_id, message):

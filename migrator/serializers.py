@@ -69,6 +69,8 @@ class JobSerializer(serializers.Serializer):
     parameters = serializers.DictField()
     result = serializers.DictField()
     error = serializers.CharField()
+    event_seq = serializers.IntegerField(help_text="sequence number of the job's last "
+                                         "published event (WebSocket events carry `seq`)")
     created_at = serializers.DateTimeField()
     started_at = serializers.DateTimeField(allow_null=True)
     finished_at = serializers.DateTimeField(allow_null=True)
