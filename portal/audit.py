@@ -64,18 +64,45 @@ def record(action, *, actor: Actor, target="", outcome=Outcome.ALLOWED, source_i
     """Append one record to the chain, atomically with respect to other writers."""
     with transaction.atomic():
         head, _ = AuditHead.objects.select_for_update().get_or_create(id=1)
-        entry = AuditRecord(
-            seq=head.seq + 1,
-            time=timezone.now(),
-            actor_kind=actor.kind, actor=actor.name[:200], action=action,
-            target=str(target)[:300], outcome=outcome, source_ip=source_ip,
-            details=details or {},
-        )
-        entry.mac = compute_mac(head.mac, entry)
+        entry = _chained(head.seq + 1, head.mac, action, actor=actor, target=target,
+                         outcome=outcome, source_ip=source_ip, details=details)
         entry.save()
         head.seq, head.mac = entry.seq, entry.mac
         head.save(update_fields=["seq", "mac"])
     return entry
+
+
+def _chained(seq, previous_mac, action, *, actor: Actor, target="", outcome=Outcome.ALLOWED,
+             source_ip=None, details=None, time=None) -> AuditRecord:
+    entry = AuditRecord(
+        seq=seq,
+        time=time or timezone.now(),
+        actor_kind=actor.kind, actor=actor.name[:200], action=action,
+        target=str(target)[:300], outcome=outcome, source_ip=source_ip,
+        details=details or {},
+    )
+    entry.mac = compute_mac(previous_mac, entry)
+    return entry
+
+
+def record_many(entries, batch_size=2000) -> int:
+    """Append many records in one transaction, for imports and fixtures.
+
+    ``entries`` are dicts of record()'s keyword arguments plus ``action`` (and
+    optionally ``time``). The chain is the same one record() builds, computed
+    here and written with bulk_create under the same head lock.
+    """
+    with transaction.atomic():
+        head, _ = AuditHead.objects.select_for_update().get_or_create(id=1)
+        seq, mac, rows = head.seq, head.mac, []
+        for fields in entries:
+            seq += 1
+            rows.append(_chained(seq, mac, **fields))
+            mac = rows[-1].mac
+        AuditRecord.objects.bulk_create(rows, batch_size=batch_size)
+        head.seq, head.mac = seq, mac
+        head.save(update_fields=["seq", "mac"])
+    return len(rows)
 
 
 def record_request(request, action, *, target="", outcome=Outcome.ALLOWED, details=None):

@@ -32,6 +32,23 @@ def test_untouched_chain_verifies(capsys):
     assert "intact: 5 records" in capsys.readouterr().out
 
 
+def test_records_appended_in_bulk_continue_the_same_chain():
+    write_records(2)
+    added = audit.record_many({"action": "bulk.event", "actor": audit.Actor.system(),
+                               "target": f"thing:{i}", "details": {"i": i}} for i in range(3))
+    write_records(1)
+    result = audit.verify_chain()
+    assert added == 3 and result.ok and result.count == 6
+    assert list(AuditRecord.objects.values_list("action", flat=True)) == [
+        "test.event", "test.event", "bulk.event", "bulk.event", "bulk.event", "test.event"]
+
+
+def test_a_bulk_record_edited_afterwards_breaks_the_chain():
+    audit.record_many({"action": "bulk.event", "actor": audit.Actor.system()} for _ in range(3))
+    AuditRecord.objects.filter(seq=2).update(target="forged")
+    assert_broken_at(2)
+
+
 def test_empty_chain_verifies():
     result = audit.verify_chain()
     assert result.ok and result.count == 0
