@@ -47,7 +47,8 @@ from migrator.hypervisor.base import (
 from migrator.hypervisor.sim import SimDriver
 
 from .config import AgentConfig, HostConfig
-from .jobs import ACTIONS, BadCommand, Job, guest_json, result_message
+from .indoubt import KEEP, InDoubtBook, holding, settle
+from .jobs import ACTIONS, BadCommand, Job, _uuid, guest_json, result_message
 from .migrate import MigrateJob, RelocationEndpoint
 from .outbox import HostState, Outbox, ensure_state_dir
 
@@ -117,6 +118,7 @@ class Agent:
         ensure_state_dir(config.host.state_dir)
         self.outbox = Outbox(config.host.state_dir)
         self.state = HostState(config.host.state_dir)
+        self.in_doubt = InDoubtBook(config.host.state_dir)
         self._backoff, self._stable_after = backoff, stable_after
         self._heartbeat, self._poll, self._resend_after = heartbeat, poll, resend_after
         self._transfer_timeout, self._shutdown_timeout = transfer_timeout, shutdown_timeout
@@ -195,7 +197,8 @@ class Agent:
             log.info("no relocation certificate configured: live migration to %s is off",
                      self.config.host.name)
             return
-        self.relocation = RelocationEndpoint(self.config, self.driver, self._event)
+        self.relocation = RelocationEndpoint(self.config, self.driver, self._event,
+                                             self.in_doubt)
         self.relocation.start()
 
     def _revocations(self, message: dict[str, Any]) -> None:
@@ -265,7 +268,9 @@ class Agent:
                 "subnet": host.subnet, "storage": list(host.storage),
                 "relocation": {"address": self.config.relocation.address,
                                "port": self.config.relocation.port},
-                "guests": self.guests(), "jobs": jobs, "results": self.outbox.pending()}
+                "guests": self.guests(), "jobs": jobs, "results": self.outbox.pending(),
+                "in_doubt": [{**r, **holding(self.driver, r["guest"])}
+                             for r in self.in_doubt.records()]}
 
     def inventory(self) -> dict[str, Any]:
         return {"type": "inventory", "capacity": self.capacity(), "guests": self.guests()}
@@ -452,6 +457,9 @@ class Agent:
         if action == "migrate.expect":
             self._expect(job_id, command)
             return
+        if action in ("migrate.query", "migrate.resolve"):
+            self._in_doubt_command(job_id, action, command)
+            return
         if self._is_known(job_id):
             return
         try:
@@ -463,6 +471,7 @@ class Agent:
                       timeout=self._transfer_timeout)
             job.relocation = self.config.relocation
             job.revoked_serials = self.revoked_serials
+            job.in_doubt = self.in_doubt
         except BadCommand as exc:
             log.warning("job %s refused: %s", job_id, exc)
             self._finish(job_id, result_message(job_id, "failed", error=str(exc)))
@@ -479,6 +488,50 @@ class Agent:
         except (BadCommand, ValueError) as exc:
             log.warning("migration %s refused on %s: %s", job_id, self.config.host.name, exc)
             self._finish(job_id, result_message(job_id, "failed", error=str(exc)))
+
+    def _in_doubt_command(self, job_id: str, action: str, command: dict[str, Any]) -> None:
+        """The portal settling an in-doubt migration: ``migrate.query`` asks
+        what this host holds of the guest; ``migrate.resolve`` says which side
+        keeps it.  Only a guest this agent itself recorded as in doubt is ever
+        destroyed or resumed here; anything else is answered, not acted on."""
+        try:
+            guest = _uuid(command.get("guest"), "guest")
+        except BadCommand as exc:
+            log.warning("%s of job %s refused: %s", action, job_id, exc)
+            return
+        record = self.in_doubt.get(job_id)
+        if record is not None and record["guest"] != guest:
+            log.warning("%s of job %s names guest %s, the record says %s", action, job_id,
+                        guest, record["guest"])
+            return
+        with self._lock:
+            running = job_id in self._jobs
+        answer: dict[str, Any] = {"guest": guest, "in_doubt": record is not None,
+                                  "job_running": running}
+        if action == "migrate.resolve":
+            answer.update(self._resolve_in_doubt(job_id, record, command.get("keep")))
+        self._event(job_id, {"kind": "holding" if action == "migrate.query" else "resolved",
+                             **answer, **holding(self.driver, guest)})
+
+    def _resolve_in_doubt(self, job_id: str, record: dict[str, Any] | None,
+                          keep: Any) -> dict[str, Any]:
+        if keep not in KEEP:
+            return {"error": f"keep must be one of {', '.join(KEEP)}"}
+        if record is None:
+            return {"keep": keep, "note": "nothing was in doubt here"}
+        server = self.relocation.server if self.relocation is not None else None
+        try:
+            settle(record, keep, self.driver, server)
+        except (HypervisorError, KeyError, ValueError) as exc:
+            log.error("job %s: could not settle the in-doubt guest %s: %s", job_id,
+                      record["guest"], exc)
+            return {"keep": keep, "error": str(exc)}
+        self.in_doubt.remove(job_id)
+        if record["role"] == "source" and keep == "destination":
+            self.state.set_departed(record["guest"], True)
+        log.info("job %s: in-doubt guest %s settled: kept on the %s", job_id, record["guest"],
+                 keep)
+        return {"keep": keep, "in_doubt": False, "role": record["role"]}
 
     def _is_known(self, job_id: str) -> bool:
         """A repeated command (the portal may resend after a reconnect) does

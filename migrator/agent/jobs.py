@@ -55,6 +55,15 @@ class JobAborted(Exception):
     """An abort command arrived; the job stopped at a safe point."""
 
 
+class JobInDoubt(Exception):
+    """A migration whose outcome this host cannot know (its copy is kept
+    paused until the portal resolves it); ``result`` is the engine's record."""
+
+    def __init__(self, reason: str, result: dict[str, Any]):
+        super().__init__(reason)
+        self.result = result
+
+
 def guest_json(info: GuestInfo) -> dict[str, Any]:
     """A guest as the protocol's GUEST object."""
     cfg = info.config
@@ -143,6 +152,8 @@ class Job:
             return result_message(self.id, "succeeded", result=self.execute())
         except JobAborted as exc:
             return result_message(self.id, "aborted", error=str(exc) or "aborted on request")
+        except JobInDoubt as exc:
+            return result_message(self.id, "in_doubt", error=str(exc), result=exc.result)
         except Exception as exc:
             if self.aborted.is_set():  # the abort broke a transfer: say so, not "reset"
                 return result_message(self.id, "aborted", error="aborted on request")

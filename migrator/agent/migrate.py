@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +18,8 @@ from migrator.relocation import (
     TicketBook,
 )
 
-from .jobs import Job, JobAborted, JobFailed, _text, _uuid
+from .indoubt import InDoubtBook
+from .jobs import BadCommand, Job, JobAborted, JobFailed, JobInDoubt, _text, _uuid
 
 log = logging.getLogger(__name__)
 PostEvent = Callable[[str, dict[str, Any]], None]
@@ -27,10 +29,11 @@ class RelocationEndpoint:
     """This host's relocation port: tickets announced by the portal, and the
     server that accepts only those migrations (docs/relocation-protocol.md)."""
 
-    def __init__(self, config, driver, post_event: PostEvent):
+    def __init__(self, config, driver, post_event: PostEvent, in_doubt: InDoubtBook):
         host, reloc = config.host, config.relocation
         self.tickets = TicketBook()
         self._post = post_event
+        self.in_doubt = in_doubt
         self._jobs: dict[str, str] = {}  # guest uuid -> job id, for the destination's events
         self._lock = threading.Lock()
         self.server = RelocationServer(
@@ -41,6 +44,12 @@ class RelocationEndpoint:
             address=reloc.address, port=reloc.port, host_name=host.name)
 
     def start(self) -> int:
+        # In-doubt guests recorded before a restart are held again, so the
+        # portal's resolution finds them.
+        for record in self.in_doubt.records():
+            if record["role"] == "destination" and not self.server.adopt_in_doubt(record):
+                log.warning("in-doubt guest %s of job %s is no longer held here",
+                            record["guest"], record["job"])
         return self.server.start()
 
     def stop(self) -> None:
@@ -63,6 +72,11 @@ class RelocationEndpoint:
             job_id = self._jobs.get(guest) if guest else None
             if job_id and event.get("kind") in ("announce", "discarded", "released"):
                 self._jobs.pop(guest, None)
+        if job_id and event.get("kind") == "in_doubt":
+            self.in_doubt.add({"job": job_id, "role": "destination", "guest": guest,
+                               "name": event.get("name", ""), "peer": event.get("source"),
+                               "source": event.get("source"), "reason": event.get("reason", ""),
+                               "since": event.get("since")})
         if job_id:
             self._post(job_id, {k: v for k, v in event.items() if k != "time"})
 
@@ -82,13 +96,17 @@ class MigrateJob(Job):
         self.dest_address = _text(destination, "address", "destination")
         self.dest_port = int(destination.get("port") or 8002)
         params = command.get("parameters") or {}
-        self.live = bool(params.get("live", True))
-        self.settings = MigrationSettings(
-            downtime_target_ms=float(params.get("downtime_ms", 300)),
-            max_rounds=1 if not self.live else int(params.get("max_rounds", 30)),
-            max_data_factor=float(params.get("max_data_factor", 3.0)),
-            auto_converge=bool(params.get("auto_converge", False)))
+        try:
+            self.settings = MigrationSettings(
+                downtime_target_ms=float(params.get("downtime_ms", 300)),
+                max_rounds=int(params.get("max_rounds", 30)),
+                max_data_factor=float(params.get("max_data_factor", 3.0)),
+                auto_converge=bool(params.get("auto_converge", False)),
+                live=bool(params.get("live", True)))
+        except (TypeError, ValueError) as exc:
+            raise BadCommand(f"migrate parameters: {exc}") from None
         self.engine: PrecopyMigration | None = None
+        self.in_doubt: InDoubtBook | None = None  # set by the agent
 
     def execute(self) -> dict[str, Any]:
         self._remember_guest()
@@ -98,16 +116,23 @@ class MigrateJob(Job):
             self.driver, self.guest_uuid, self.dest_address, self.dest_port, self.dest_host,
             self._ticket, context, self.settings, self._forward, source_host=self.host.name,
             revoked_serials=getattr(self, "revoked_serials", frozenset()))
-        # Not live = no iteration: one copy round, then stop-and-copy. (The engine
-        # refuses an already-paused guest, so the pause is its stop-and-copy.)
         if self.aborted.is_set():
-            self._resume_if_paused()
             raise JobAborted()
         result = self.engine.run()
         state = result["state"]
         if state == "succeeded":
             return {k: v for k, v in result.items() if k != "settings"} | {
                 "guest": self._moved_guest(result)}
+        if state == "in_doubt":
+            # ACTIVATE left and no answer came: the paused copy stays paused
+            # (never resumed here) until the portal resolves it.
+            if self.in_doubt is not None:
+                self.in_doubt.add({"job": self.id, "role": "source", "guest": self.guest_uuid,
+                                   "name": self._name, "peer": self.dest_host,
+                                   "reason": result.get("reason", ""),
+                                   "since": time.time(), "was_active": True})
+            raise JobInDoubt(result.get("reason") or "in doubt",
+                             {k: v for k, v in result.items() if k != "settings"})
         self._resume_if_paused()
         if state == "aborted":
             raise JobAborted(result.get("reason") or "aborted on request")

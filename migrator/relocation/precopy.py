@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from migrator.hypervisor.base import PAGE_SIZE, GuestState, HypervisorDriver
+from migrator.hypervisor.base import PAGE_SIZE, GuestNotFound, GuestState, HypervisorDriver
 from migrator.tls import PeerIdentityError, check_not_revoked, expected_peer
 
 from .protocol import (
@@ -66,6 +66,7 @@ class MigrationSettings:
     throttle_max: float = 0.99         # QEMU max-cpu-throttle (99 %)
     converge_trigger: float = 0.5      # throttle when dirtied >= 50 % of what was sent
     verify: str = "incremental"        # or "full": SHA-256 of all memory on both ends
+    live: bool = True                  # False: xm migrate without --live (pause, copy, resume)
     batch_pages: int = DEFAULT_BATCH_PAGES
     connect_timeout: float = 10.0
     io_timeout: float = 30.0
@@ -97,6 +98,28 @@ class _Declined(MigrationError):
 
 class _Aborted(Exception):
     pass
+
+
+def settle_source(driver: HypervisorDriver, guest_uuid: str, destination_running: bool,
+                  *, resume: bool = True) -> None:
+    """Settle the paused source copy of an in-doubt migration (also after an
+    agent restart, when the engine is gone): destroy it once the destination
+    runs (or was told to run) the guest, else take the guest back - dirty log
+    off, migration ended - and resume it (``resume``: it was running before).
+    A copy that is already gone is left alone."""
+    try:
+        info = driver.get(guest_uuid)
+    except GuestNotFound:
+        return
+    if destination_running:
+        driver.end_migration(guest_uuid, succeeded=True)  # destroys the paused copy
+        return
+    if info.dirty_log:
+        driver.dirty_log_stop(guest_uuid)
+    if info.state is GuestState.MIGRATING:
+        driver.end_migration(guest_uuid, succeeded=False)
+    if resume and not info.active:
+        driver.resume(guest_uuid)
 
 
 class PrecopyMigration:
@@ -155,8 +178,11 @@ class PrecopyMigration:
         try:
             self._premigration()
             self._reserve()
-            self._precopy()
-            self._stop_and_copy()
+            if self.settings.live:
+                self._precopy()
+                self._stop_and_copy()
+            else:
+                self._copy_paused()
             self._commit_and_activate()
             return self._finish("succeeded", "")
         except Exception as exc:  # noqa: BLE001 - every failure ends in one record
@@ -174,10 +200,10 @@ class PrecopyMigration:
         destination did: destroy the paused source copy, or take it back."""
         if self.result is None or self.result["state"] != "in_doubt":
             raise RuntimeError("only an in-doubt migration can be resolved")
+        settle_source(self.driver, self.uuid, destination_running, resume=self._was_active)
+        self._dirty_log = self._began = self._paused = False
         if destination_running:
-            self.driver.end_migration(self.uuid, succeeded=True)
             return self._finish("succeeded", "resolved: the destination runs the guest")
-        self._rollback_local()
         return self._finish("failed", "resolved: the destination never ran the guest; "
                                       "the guest runs on the source again")
 
@@ -312,15 +338,42 @@ class PrecopyMigration:
         self._sender.drain(self._abort)
         self._send_time += time.monotonic() - t
 
-    def _stop_and_copy(self) -> None:
-        self._t_pause = time.monotonic()
+    def _pause(self) -> None:
+        self._t_pause = time.monotonic()  # the downtime starts here
         self.driver.pause(self.uuid)
         self._paused = True
+
+    def _stop_and_copy(self) -> None:
+        self._pause()
         final = np.union1d(self._pending, self.driver.dirty_log_read_and_clear(self.uuid))
         self._mark("paused")
         self._stage_event("stop-and-copy", reason=self._stop_reason, dirty_pages=len(final))
         self._send_pages(final)
         self._mark("last_pages_sent")
+        self._send_vcpu_and_commit()
+
+    def _copy_paused(self) -> None:
+        """Non-live migration (``xm migrate`` without ``--live``): pause first,
+        then send every page once and the vCPU state.  One copy round, no
+        dirty log (a paused guest writes nothing); the downtime is the whole
+        copy, and is recorded as such."""
+        npages = self._info.npages
+        self._fps = Fingerprints(self._seed, npages)
+        self._sender = FrameSender(self._chan)
+        self._stop_reason = "not_live"
+        self._pause()
+        self._mark("paused")
+        self._stage_event("stop-and-copy", reason="not_live", dirty_pages=npages)
+        t, wire0 = time.monotonic(), self._chan.bytes_out
+        self._send_pages(np.arange(npages, dtype=np.int64))
+        self._sync(1)
+        took = max(time.monotonic() - t, 1e-6)
+        wire = self._chan.bytes_out - wire0
+        self._round_event(1, npages, 0, took, wire, wire / took, 0.0, stage="stop-and-copy")
+        self._mark("last_pages_sent")
+        self._send_vcpu_and_commit()
+
+    def _send_vcpu_and_commit(self) -> None:
         vcpu = self.driver.get_vcpu_state(self.uuid)
         self._chan.send(Msg.VCPU, vcpu)
         # In full mode the destination hashes its copy while we hash ours.
@@ -438,14 +491,14 @@ class PrecopyMigration:
         return self.result
 
     def _round_event(self, rnd: int, sent: int, dirty: int, took: float, wire: int,
-                     bandwidth: float, expected: float) -> None:
+                     bandwidth: float, expected: float, stage: str = "pre-copy") -> None:
         stats = {"round": rnd, "pages_sent": sent, "dirty_pages": dirty,
                  "dirty_rate": round(dirty / took, 1), "bandwidth_mbps": round(bandwidth / 1e6, 1),
                  "expected_downtime_ms": round(expected * 1000, 3),
                  "duration_s": round(took, 4), "round_bytes": wire,
                  "bytes_sent": self._chan.bytes_out, "throttle": round(self._throttle, 3)}
         self._rounds.append(stats)
-        self._emit({"kind": "round", "stage": "pre-copy", **stats})
+        self._emit({"kind": "round", "stage": stage, **stats})
 
     def _mark(self, name: str) -> None:
         self._marks[name] = time.monotonic() - (self._t_pause or 0.0)

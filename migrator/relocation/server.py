@@ -516,15 +516,34 @@ class RelocationServer:
 
     # -- the in-doubt window ----------------------------------------------------
     def hold_in_doubt(self, uuid: str, name: str, peer: str, reason: str) -> None:
+        record = {"guest": uuid, "name": name, "source": peer, "reason": reason,
+                  "since": time.time()}
         with self._lock:
-            self._in_doubt[uuid] = {"guest": uuid, "name": name, "source": peer,
-                                    "reason": reason, "since": time.time()}
+            self._in_doubt[uuid] = record
         log.error("migration of %s from %s is IN DOUBT on %s (%s): the complete image is "
                   "held paused; the source may or may not have committed. Resolve with "
                   "resolve(activate=True) if the source gave the guest up, else False.",
                   uuid, peer, self.host_name, reason)
-        self.emit({"kind": "in_doubt", "guest": uuid, "source": peer, "reason": reason})
+        self.emit({"kind": "in_doubt", **record})
         self.guest_event("in_doubt", self.driver.get(uuid))
+
+    def adopt_in_doubt(self, record: dict[str, Any]) -> bool:
+        """Hold again an in-doubt guest recorded before a restart (the agent
+        keeps these records on disk): only one the driver still holds, paused.
+        No event: the agent reports its records itself."""
+        uuid = str(record.get("guest"))
+        try:
+            info = self.driver.get(uuid)
+        except HypervisorError:
+            return False
+        if info.active:
+            return False
+        with self._lock:
+            self._in_doubt[uuid] = {"guest": uuid, "name": str(record.get("name", info.name)),
+                                    "source": record.get("source"),
+                                    "reason": record.get("reason", ""),
+                                    "since": record.get("since", time.time())}
+        return True
 
     def in_doubt(self) -> list[dict[str, Any]]:
         with self._lock:
