@@ -113,6 +113,9 @@ class JobState(models.TextChoices):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     ABORTED = "aborted"
+    # A migration whose source sent ACTIVATE and heard nothing back: both
+    # copies are paused until the portal (migrator.indoubt) resolves it.
+    IN_DOUBT = "in_doubt"
 
 
 FINAL_STATES = {JobState.SUCCEEDED, JobState.FAILED, JobState.ABORTED}
@@ -149,6 +152,9 @@ class Job(models.Model):
     # Sequence number of the last event published for this job (progress.publish):
     # watchers check they missed none.
     event_seq = models.PositiveBigIntegerField(default=0)
+    # Settling a migration left in doubt (migrator.indoubt): what each agent
+    # holds, which side keeps the guest, decided by whom.
+    resolution = models.JSONField(default=dict, blank=True)
     result = models.JSONField(default=dict, blank=True)
     error = models.TextField(blank=True)
     idempotency_key = models.CharField(max_length=200, blank=True, db_index=True)
@@ -215,6 +221,9 @@ class Job(models.Model):
 
     def fail(self, reason):
         return self._move(JobState.FAILED, error=reason, finished_at=timezone.now())
+
+    def hold_in_doubt(self, reason):
+        return self._move(JobState.IN_DOUBT, error=reason)
 
     def abort(self, reason="aborted by request"):
         return self._move(JobState.ABORTED, error=reason, finished_at=timezone.now())
