@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint schema deploy-check pytest browser-test bench install clean
+.PHONY: demo test lint schema deploy-check pytest browser-test test-scaleout bench install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,15 @@ browser-test: $(STAMP)
 	$(PY) -m pytest tests/browser -m browser -p no:asyncio
 
 test: lint schema deploy-check pytest browser-test
+
+# The pytest suite again on PostgreSQL + a Redis channel layer (several portal processes),
+# both started on loopback by scripts/services.sh and stopped whatever the outcome.
+# Needs Debian's postgresql and redis-server packages.
+test-scaleout: $(STAMP)
+	@services=$$(scripts/services.sh start) || exit 1; eval "$$services"; \
+	trap 'scripts/services.sh stop' EXIT; trap 'exit 130' INT TERM; \
+	echo "scale-out pass: PostgreSQL + Redis in $$BERTH_SERVICES_DIR"; \
+	$(PY) -m pytest -m "not browser"
 
 bench: $(STAMP)
 	@ls bench/*.py >/dev/null 2>&1 || { echo "no benchmarks yet"; exit 0; }
