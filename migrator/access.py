@@ -9,7 +9,8 @@ from migrator.models import Job
 from portal import roles
 
 OPERATE_SCOPES = {"save": "guests:save", "migrate": "guests:migrate",
-                  "restore": "images:restore", "abort": "guests:save"}
+                  "restore": "images:restore", "abort": "guests:save",
+                  "resolve": "guests:migrate"}
 
 
 def can_see_all(user) -> bool:
@@ -33,7 +34,7 @@ def can_view_job(user, job) -> bool:
 
 
 def can_operate(request, action) -> bool:
-    """Save, migrate and abort are admin actions; restore is checked per image."""
+    """Save, migrate, abort and resolve are admin actions; restore is checked per image."""
     if action != "restore" and not roles.acts_as_admin(request):
         return False
     return roles.token_allows(request, OPERATE_SCOPES[action])

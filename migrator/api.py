@@ -8,13 +8,14 @@ from rest_framework.permissions import BasePermission
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from migrator import access, inventory, migration, orchestrate, progress
+from migrator import access, indoubt, inventory, migration, orchestrate, progress
 from migrator.models import Guest, Host
 from migrator.serializers import (
     GuestSerializer,
     HostSerializer,
     JobSerializer,
     MigrateRequestSerializer,
+    ResolveRequestSerializer,
     RestoreRequestSerializer,
 )
 from vault import access as vault_access
@@ -127,3 +128,15 @@ class JobAbort(APIView):
         job = get_object_or_404(access.visible_jobs(request), pk=pk)
         return job_response(run(orchestrate.request_abort, request, job),
                             status.HTTP_202_ACCEPTED)
+
+
+class JobResolve(APIView):
+    """Settle a migration left in doubt: which side keeps the guest."""
+
+    @extend_schema(request=ResolveRequestSerializer, responses={202: JobSerializer})
+    def post(self, request, pk):
+        job = get_object_or_404(access.visible_jobs(request), pk=pk)
+        body = ResolveRequestSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        return job_response(run(indoubt.request_resolve, request, job,
+                                body.validated_data["keep"]), status.HTTP_202_ACCEPTED)

@@ -13,4 +13,5 @@ urlpatterns = [
     path("jobs/", api.JobList.as_view(), name="api-jobs"),
     path("jobs/<uuid:pk>", api.JobDetail.as_view(), name="api-job"),
     path("jobs/<uuid:pk>/abort", api.JobAbort.as_view(), name="api-job-abort"),
+    path("jobs/<uuid:pk>/resolve", api.JobResolve.as_view(), name="api-job-resolve"),
 ]

@@ -12,7 +12,7 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from migrator import progress
+from migrator import indoubt, progress
 from migrator.models import DomainIdRecord, Guest, Job, JobKind, JobState
 from portal import audit
 from portal.models import ActorKind, Outcome
@@ -39,7 +39,21 @@ def connected(host, channel_name, hello):
     sync_guests(host, hello.get("guests", []))
     acks = [record_result(host, result) for result in hello.get("results", [])]
     _fail_lost_jobs(host, {j.get("job") for j in hello.get("jobs", [])}, set(acks))
+    _in_doubt_reports(host, hello.get("in_doubt") or [])
     return [a for a in acks if a]
+
+
+@transaction.atomic
+def _in_doubt_reports(host, records):
+    """Migrations the agent holds in doubt (kept across its restarts), and
+    resolutions that waited for this host to come back."""
+    noted = set()
+    for record in records:
+        job = _job_of(host, record.get("job")) if isinstance(record, dict) else None
+        if job is not None and job.kind == JobKind.MIGRATE:
+            indoubt.note_in_doubt(job, indoubt.side_of(job, host), record.get("reason", ""))
+            noted.add(job.id)
+    indoubt.reconnected(host, exclude=noted)
 
 
 def _apply_capacity(host, capacity):
@@ -105,15 +119,27 @@ ROUND_FIELDS = ("round", "pages_sent", "dirty_pages", "dirty_rate", "bandwidth_m
 def record_event(host, message):
     job = _job_of(host, message.get("job"))
     event = message.get("event") or {}
+    kind = str(event.get("kind", "progress"))
+    if job is not None and job.kind == JobKind.MIGRATE and kind in ("holding", "resolved",
+                                                                    "in_doubt"):
+        _in_doubt_event(host, job, kind, event)  # also for a job already failed
+        if kind != "in_doubt" or job.is_final:
+            return
     if job is None or job.is_final:
         return
-    kind = str(event.get("kind", "progress"))
     if job.kind == JobKind.MIGRATE and host.id == job.destination_host_id:
         _destination_event(job, kind, event)
     else:
         _apply_event(job, kind, event)
     job.save()
     transaction.on_commit(lambda: progress.publish(job, kind, {"event": _public(event)}))
+
+
+def _in_doubt_event(host, job, kind, event):
+    if kind == "in_doubt":
+        indoubt.note_in_doubt(job, indoubt.side_of(job, host), event.get("reason", ""))
+    else:
+        indoubt.record_answer(job, host, event)
 
 
 def _public(event):
@@ -168,9 +194,15 @@ def record_result(host, message):
         _apply_outcome(host, job, result)
     elif state == JobState.ABORTED:
         job.abort(error or "aborted")
+    elif state == JobState.IN_DOUBT and job.kind == JobKind.MIGRATE:
+        job.hold_in_doubt(error or "no answer after ACTIVATE")
+        job.result = result
+        indoubt.note_in_doubt(job, "source", job.error)
     else:
         job.fail(error or "the agent reported a failure without a reason")
     job.save()
+    if indoubt.is_open(job) and state != JobState.IN_DOUBT:
+        transaction.on_commit(lambda: indoubt.ask(job.id))  # the source's answer changed
     _audit_outcome(host, job)
     transaction.on_commit(lambda: progress.publish(job, "final"))
     return job_id

@@ -13,7 +13,7 @@ from portal import audit
 from portal.models import Outcome
 from vault import access as vault_access
 
-IN_FLIGHT = (JobState.QUEUED, JobState.RUNNING)
+IN_FLIGHT = (JobState.QUEUED, JobState.RUNNING, JobState.IN_DOUBT)
 
 
 class OperationError(Exception):
@@ -49,7 +49,8 @@ def _not_busy(request, action, target, guest_uuid):
 
 def running_guest(request, action, guest_uuid):
     """The guest, locked for this transaction; 404 if unknown, 409 if on no host."""
-    guest = Guest.objects.select_for_update().select_related("host").filter(
+    # of=self: PostgreSQL cannot lock the nullable side of the join to the host.
+    guest = Guest.objects.select_for_update(of=("self",)).select_related("host").filter(
         uuid=guest_uuid).first()
     if guest is None:
         raise OperationError(404, "not_found", "No such guest.")
@@ -136,9 +137,11 @@ def _check_fits(request, target, image, host):
 
 
 def _not_running_anywhere(request, target, image):
-    running = Guest.objects.select_for_update().filter(uuid=image.guest_uuid,
-                                                       host__isnull=False).first()
-    if running:
+    # Lock the guest's row even when it runs nowhere: two restores of one guest, from
+    # any portal process, then queue here and the second sees the first's job.
+    running = Guest.objects.select_for_update(of=("self",)).select_related("host").filter(
+        uuid=image.guest_uuid).first()
+    if running and running.host is not None:
         _refuse(request, "image.restore", target, 409, "guest_running",
                 f"Guest {running.name} is already running on {running.host.name}.")
 
@@ -150,6 +153,9 @@ def request_abort(request, job) -> Job:
                 "Aborting jobs needs the admin role.")
     if job.is_final:
         raise OperationError(409, "job_over", f"The job has already {job.state}.")
+    if job.state == JobState.IN_DOUBT:
+        raise OperationError(409, "in_doubt", "The migration is past its commit point and in "
+                             "doubt: resolve it instead of aborting.")
     audit.record_request(request, "job.abort", target=target)
     host = job.host
     if host is not None and host.online:

@@ -43,6 +43,10 @@ class MigrateRequestSerializer(serializers.Serializer):
     auto_converge = serializers.BooleanField(required=False)
 
 
+class ResolveRequestSerializer(serializers.Serializer):
+    keep = serializers.ChoiceField(choices=["source", "destination"])
+
+
 class GuestRefSerializer(serializers.Serializer):
     uuid = serializers.UUIDField()
     name = serializers.CharField()
@@ -54,7 +58,7 @@ class JobSerializer(serializers.Serializer):
     id = serializers.UUIDField()
     kind = serializers.ChoiceField(choices=["save", "restore", "migrate"])
     state = serializers.ChoiceField(choices=["queued", "running", "succeeded", "failed",
-                                             "aborted"])
+                                             "aborted", "in_doubt"])
     stage = serializers.CharField()
     done_bytes = serializers.IntegerField()
     total_bytes = serializers.IntegerField()
@@ -68,6 +72,8 @@ class JobSerializer(serializers.Serializer):
     rounds = serializers.ListField(child=serializers.DictField())
     parameters = serializers.DictField()
     result = serializers.DictField()
+    resolution = serializers.DictField(help_text="settling a migration left in doubt: state, "
+                                       "what each side holds, which keeps the guest, by whom")
     error = serializers.CharField()
     event_seq = serializers.IntegerField(help_text="sequence number of the job's last "
                                          "published event (WebSocket events carry `seq`)")

@@ -4,7 +4,7 @@ from django.contrib.auth.decorators import login_required
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
-from migrator import access, inventory, migration, orchestrate
+from migrator import access, indoubt, inventory, migration, orchestrate
 from migrator.models import Guest, Host
 from portal.roles import reader_required
 from vault import access as vault_access
@@ -29,7 +29,9 @@ def job_detail(request, pk):
     inventory.expire_stale_jobs()
     job = get_object_or_404(access.visible_jobs(request), pk=pk)
     return render(request, "migrator/job.html", {
-        "job": job, "can_abort": access.can_operate(request, "abort") and not job.is_final})
+        "job": job, "can_abort": access.can_operate(request, "abort") and not job.is_final
+        and job.state != "in_doubt",
+        "can_resolve": access.can_operate(request, "resolve") and indoubt.is_open(job)})
 
 
 @reader_required
@@ -37,6 +39,7 @@ def guest_detail(request, uuid):
     guest = get_object_or_404(Guest.objects.select_related("host"), uuid=uuid)
     return render(request, "migrator/guest.html", {
         "guest": guest, "history": guest.domain_ids.all()[:50],
+        "in_doubt": indoubt.open_jobs(guest.uuid),
         "can_save": access.can_operate(request, "save")})
 
 
@@ -89,4 +92,13 @@ def job_abort(request, pk):
     job = get_object_or_404(access.visible_jobs(request), pk=pk)
     if _run(request, orchestrate.request_abort, job):
         messages.success(request, "Abort requested.")
+    return redirect("job", pk=pk)
+
+
+@login_required
+@require_POST
+def job_resolve(request, pk):
+    job = get_object_or_404(access.visible_jobs(request), pk=pk)
+    if _run(request, indoubt.request_resolve, job, request.POST.get("keep", "")):
+        messages.success(request, "Resolution sent to both hosts.")
     return redirect("job", pk=pk)

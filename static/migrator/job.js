@@ -45,7 +45,14 @@
           final.appendChild(dt); final.appendChild(dd);
         });
     }
-    if (FINAL.indexOf(job.state) >= 0) {
+    // A migration in doubt: its panel (answers, decision, admin form) is drawn
+    // by the server; reload once whenever the resolution moves on.
+    var resolution = (job.resolution && job.resolution.state) || "";
+    if (resolution !== (root.dataset.resolution || "") && root.dataset.reloadedFor !== resolution) {
+      root.dataset.reloadedFor = resolution;
+      setTimeout(function () { location.reload(); }, 800);
+    }
+    if (FINAL.indexOf(job.state) >= 0 || job.state === "in_doubt") {
       var abort = document.getElementById("abort-form");
       if (abort) abort.hidden = true;
       if (job.state === "succeeded" && !servedFinal && !root.dataset.reloaded) {
