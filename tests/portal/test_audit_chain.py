@@ -1,4 +1,8 @@
+import os
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 from django.core.management import call_command
@@ -7,6 +11,7 @@ from django.db import connection
 
 from portal import audit
 from portal.models import AuditRecord
+from tests.support.server import ROOT, database_url_named
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -128,3 +133,47 @@ def test_eight_concurrent_writers_leave_a_valid_chain():
     result = audit.verify_chain()
     assert result.ok and result.count == 200
     assert sorted(AuditRecord.objects.values_list("seq", flat=True)) == list(range(1, 201))
+
+
+WRITER = """
+import os, sys, time
+import django
+django.setup()
+from portal import audit
+ready, go, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+open(ready, "w").close()
+while not os.path.exists(go):
+    time.sleep(0.005)
+for i in range(count):
+    audit.record("test.process", actor=audit.Actor.system(f"writer-{os.getpid()}"),
+                 target=f"thing:{i}")
+"""
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql",
+                    reason="several writer processes share a database only on PostgreSQL "
+                           "(SQLite is the one-process set-up; the thread test covers it)")
+def test_concurrent_writer_processes_on_postgresql_leave_a_valid_chain(tmp_path, settings):
+    """Like several portal processes: separate interpreters, connections and transactions."""
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "portal.settings",
+           "DATABASE_URL": database_url_named(connection.settings_dict["NAME"]),
+           "BERTH_AUDIT_KEY": settings.AUDIT_KEY.decode(), "BERTH_DATA_DIR": str(tmp_path)}
+    go = tmp_path / "go"
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path / f"ready-{i}"),
+                                 str(go), "40"], cwd=ROOT, env=env) for i in range(5)]
+    try:
+        deadline = time.monotonic() + 60
+        while not all((tmp_path / f"ready-{i}").exists() for i in range(5)):
+            assert time.monotonic() < deadline, "writers did not start"
+            assert all(w.poll() is None for w in writers), "a writer died before writing"
+            time.sleep(0.02)
+        go.touch()  # all at once, onto an empty chain: the head row itself is contended
+        assert [w.wait(timeout=120) for w in writers] == [0] * 5
+    finally:
+        for w in writers:
+            if w.poll() is None:
+                w.kill()
+    result = audit.verify_chain()
+    assert result.ok and result.count == 200, result
+    assert sorted(AuditRecord.objects.values_list("seq", flat=True)) == list(range(1, 201))
+    assert len(set(AuditRecord.objects.values_list("actor", flat=True))) == 5
