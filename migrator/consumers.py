@@ -170,4 +170,4 @@ class JobsConsumer(AsyncJsonWebsocketConsumer):
         if self.job_id is None and not self.sees_all and \
                 message.get("requester_id") != self.scope["user"].id:
             return
-        await self.send_json(message["event"])
+        await self.send(text_data=message["text"])
