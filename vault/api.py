@@ -48,7 +48,8 @@ def filtered_images(request, params):
     form = ImageFilter(params)
     if not form.is_valid():
         return form, SavedImage.objects.none()
-    return form, form.apply(access.visible_images(request)).order_by("-created_at")
+    images = form.apply(access.visible_images(request)).select_related("created_by")
+    return form, images.order_by("-created_at")
 
 
 def authorised_image(request, pk, action):
