@@ -127,3 +127,48 @@ def test_migrating_to_its_own_host_is_refused(source, destination, pki):
     result = migration(source, guest.uuid, dest.port, pki, dest_name="hostb").run()
     assert result["state"] == "failed" and "own host" in result["reason"]
     assert source.get(guest.uuid).state is GuestState.RUNNING
+
+
+def test_non_live_migration_pauses_first_and_copies_once(source, destination, pki):
+    """``xm migrate`` without ``--live``: pause, send every page once and the
+    vCPUs, commit, activate.  One round; the guest is paused for the whole
+    copy, and the downtime recorded is that whole copy."""
+    dest = destination()
+    guest = web_guest(source, mib=24)
+    dest.tickets.expect(TICKET, guest.uuid, "hostb")
+    at_pause, at_commit, paused_at = {}, {}, {}
+
+    def on_pause(event):
+        capture(source, guest.uuid, at_pause)(event)
+        at_pause["memory"] = source.memory_snapshot(guest.uuid)
+        paused_at["elapsed"] = event["elapsed"]
+
+    def on_commit(event):
+        capture(dest.driver, guest.uuid, at_commit)(event)
+        at_commit["memory"] = dest.driver.memory_snapshot(guest.uuid)
+        at_commit["source_active"] = source.get(guest.uuid).active
+
+    dest.hooks["commitment"] = on_commit
+    engine = migration(source, guest.uuid, dest.port, pki, live=False,
+                       hooks={"stop-and-copy": on_pause})
+    result = engine.run()
+
+    assert result["state"] == "succeeded", result["reason"]
+    stages = [e["stage"] for e in engine.events if e["kind"] == "stage"]
+    assert stages == ["pre-migration", "reservation", "stop-and-copy", "commitment",
+                      "activation"]
+    rounds = [e for e in engine.events if e["kind"] == "round"]
+    assert len(rounds) == 1 and result["rounds"] == 1 and result["stop_reason"] == "not_live"
+    assert rounds[0]["pages_sent"] == guest.npages and rounds[0]["dirty_pages"] == 0
+    assert rounds[0]["stage"] == "stop-and-copy"
+    # paused before the first page left, and through the commit
+    assert at_pause["active"] is False and at_commit["source_active"] is False
+    assert (at_pause["memory"] == at_commit["memory"]).all()  # byte for byte
+    assert at_pause["vcpu"] == at_commit["vcpu"]
+    # downtime = from the pause to the end: the whole copy, honestly recorded
+    copy_ms = (result["total_time_s"] - paused_at["elapsed"]) * 1000
+    assert result["downtime_ms"] >= rounds[0]["duration_s"] * 1000
+    assert result["downtime_ms"] == pytest.approx(copy_ms, abs=25)
+    assert result["data_pages"] <= result["pages_sent"] == guest.npages
+    moved = dest.driver.get(guest.uuid)
+    assert moved.active and source.list() == []
