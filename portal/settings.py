@@ -131,11 +131,17 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- channels -----------------------------------------------------------------
 REDIS_URL = env("REDIS_URL")
+# Every key Berth puts in Redis starts with this: deployments may share one Redis.
+REDIS_PREFIX = env("REDIS_PREFIX", "berth")
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL]},
+            # redis-py 8 times socket reads out after 5 s by default: exactly the length of
+            # channels-redis's blocking receive, which then crashes every consumer. Longer,
+            # but not unbounded, so a dead connection is still noticed.
+            "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 30}],
+                       "prefix": f"{REDIS_PREFIX}:asgi"},
         }
     }
 else:
@@ -143,7 +149,7 @@ else:
 # API rate-limit counters live in the cache: shared by every portal process via Redis.
 if REDIS_URL:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache",
-                          "LOCATION": REDIS_URL}}
+                          "LOCATION": REDIS_URL, "KEY_PREFIX": REDIS_PREFIX}}
 
 # --- authentication -----------------------------------------------------------
 AUTHENTICATION_BACKENDS = [

@@ -61,8 +61,9 @@ def on_postgresql() -> bool:
 class PortalServer:
     """A portal process with its own data directory; stop() ends only it.
 
-    ``extra_env`` may carry ``DATABASE_URL`` and ``BERTH_REDIS_URL`` so that several
-    servers share them; otherwise, on PostgreSQL, the server gets its own database.
+    ``extra_env`` may carry ``DATABASE_URL`` and ``BERTH_REDIS_PREFIX`` so that several
+    servers share them; otherwise, on PostgreSQL, the server gets its own database, and
+    its own Redis key prefix.
     """
 
     def __init__(self, data_dir: Path, extra_env=None, agents=False):
@@ -72,6 +73,8 @@ class PortalServer:
         self.env = {**os.environ, "BERTH_DATA_DIR": str(data_dir), "BERTH_PORTAL_URL": self.url,
                     **(extra_env or {})}
         self.env.pop("DJANGO_SETTINGS_MODULE", None)
+        # Its own Redis keys too, unless it shares them: no stale groups from other tests.
+        self.env.setdefault("BERTH_REDIS_PREFIX", f"berth-t{secrets.token_hex(4)}")
         self.database = None
         if on_postgresql() and "DATABASE_URL" not in (extra_env or {}):
             self.database = PostgresDatabase()
