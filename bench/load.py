@@ -19,9 +19,10 @@ on loopback, with a throwaway database and data directory. Measured in one run:
 
     python bench/load.py [--watchers 200] [--jobs 20] [--images 10000] [--audit 100000]
 
-SQLite and the in-memory channel layer by default. With DATABASE_URL set it
-creates (and drops) its own database on that server; BERTH_REDIS_URL is used
-as given. Results: bench/results/load.json (and printed).
+SQLite and the in-memory channel layer by default. With a PostgreSQL
+DATABASE_URL it creates (and drops) its own database on that server; with
+BERTH_REDIS_URL its keys carry a prefix of their own. Results:
+bench/results/load.json (and printed).
 """
 from __future__ import annotations
 
@@ -75,28 +76,20 @@ def load_average():
 # an isolated database and data directory
 @contextmanager
 def throwaway_database():
-    """SQLite under BERTH_DATA_DIR by default; with DATABASE_URL, a fresh database
-    on that server for this run only, dropped afterwards."""
-    url = os.environ.get("DATABASE_URL")
-    if not url:
+    """SQLite under BERTH_DATA_DIR by default; with a PostgreSQL DATABASE_URL, a fresh
+    database beside the one it names, for this run only, dropped afterwards."""
+    from tests.support.server import PostgresDatabase, on_postgresql
+
+    if not on_postgresql():
         yield "sqlite"
         return
-    import dj_database_url
-    import psycopg
-
-    config = dj_database_url.parse(url)
-    name = f"berth_load_{os.getpid()}"
-    admin = dict(host=config["HOST"], port=config["PORT"] or 5432, user=config["USER"],
-                 password=config["PASSWORD"], dbname=config["NAME"], autocommit=True)
-    with psycopg.connect(**admin) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    os.environ["DATABASE_URL"] = url.rsplit("/", 1)[0] + "/" + name
+    base, database = os.environ["DATABASE_URL"], PostgresDatabase()
+    os.environ["DATABASE_URL"] = database.url
     try:
         yield "postgresql"
     finally:
-        os.environ["DATABASE_URL"] = url
-        with psycopg.connect(**admin) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        os.environ["DATABASE_URL"] = base
+        database.drop()
 
 
 def configure_django(data_dir: Path):
@@ -104,6 +97,8 @@ def configure_django(data_dir: Path):
         "BERTH_DATA_DIR": str(data_dir), "BERTH_LOG_LEVEL": "WARNING",
         # The limiter is not what is measured: one token makes thousands of requests.
         "BERTH_API_RATE_USER": "1000000/min",
+        # A shared Redis (if any) must not mix this run's groups with anyone else's.
+        "BERTH_REDIS_PREFIX": f"berth-load-{os.getpid()}",
         "DJANGO_SETTINGS_MODULE": "portal.settings"})
     import django
 
@@ -483,7 +478,9 @@ def run(args, work: Path, database: str) -> dict:
     from portal.demo import ensure_demo_accounts
     from tests.support.server import PortalServer
 
-    portal = PortalServer(data_dir)
+    # On PostgreSQL the portal shares the bench's throwaway database (fixtures included).
+    shared = {"DATABASE_URL": os.environ["DATABASE_URL"]} if database == "postgresql" else {}
+    portal = PortalServer(data_dir, shared)
     per_host = -(-args.jobs // len(HOSTS))
     configs = enroll_hosts(portal.url, per_host, args.guest_mib, args.mover_mib)
     passwords = ensure_demo_accounts()
@@ -510,6 +507,9 @@ def run(args, work: Path, database: str) -> dict:
             agents.stop()
         portal.stop()
     report["audit_chain"] = verify_audit_chain()
+    from django.db import connections
+
+    connections.close_all()  # before the throwaway database is dropped
     return report
 
 
