@@ -1,10 +1,17 @@
 """Vault benchmark: a memory-like image through the real HTTP endpoints of a real server.
 
-Measures, in one run: upload and download MB/s of image through uvicorn, the
-server's peak RSS, the stored size; raw in-process AES-256-GCM as the ceiling;
-and, where installed, `restic backup` of the same file as the peer.
+Measures, in one run: upload and download MB/s of image through uvicorn (best
+and median of --repeat rounds), CPU seconds of server and client per round,
+the server's peak RSS, the stored size; and the peers on the same machine in
+the same run: uvicorn alone draining the same body, raw in-process AES-256-GCM,
+one core's SHA-256, and, where installed, `restic backup` of the same image.
 
-    python bench/vault.py [--gib 1] [--big-gib 4]
+The image lives only in the client's memory (plaintext never touches disk): a
+raw-socket client sends it with ``sendall`` of a memoryview and receives the
+download into a preallocated buffer, compared byte for byte after the clock
+stops, so the client costs little CPU on the two shared cores.
+
+    python bench/vault.py [--gib 1] [--big-gib 4] [--repeat 3]
 
 Results go to bench/results/vault-<timestamp>.json; docs/performance.md keeps the table.
 """
@@ -12,8 +19,10 @@ import argparse
 import hashlib
 import json
 import os
+import resource
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,10 +35,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.support.server import PortalServer, manage  # noqa: E402
+from tests.support.server import PortalServer, free_port, manage  # noqa: E402
 
 MiB = 1024 * 1024
 PAGE = 4096
+BLOCK = 64 * MiB
 
 
 def memory_pages(n_pages, seed):
@@ -46,26 +56,27 @@ def memory_pages(n_pages, seed):
     return pages
 
 
-def write_image(path, size, seed=7):
-    digest = hashlib.sha256()
-    with open(path, "wb") as f:
-        for start in range(0, size, 64 * MiB):
-            block = memory_pages(min(64 * MiB, size - start) // PAGE, seed + start).tobytes()
-            digest.update(block)
-            f.write(block)
-    return digest.hexdigest()
+def memory_image(size, seed=7) -> bytearray:
+    """The whole image in memory, built 64 MiB at a time."""
+    image = bytearray(size)
+    for start in range(0, size, BLOCK):
+        block = memory_pages(min(BLOCK, size - start) // PAGE, seed + start)
+        image[start:start + block.nbytes] = block.reshape(-1).data
+    return image
 
 
-def http_request(port, head: bytes, body_source=None, sink=None):
-    """A minimal HTTP/1.1 exchange over a raw socket so the client is not the bottleneck."""
-    with socket.create_connection(("127.0.0.1", port)) as s:
-        s.sendall(head)
-        if body_source is not None:
-            body_source(s)
-        return _read_response(s, sink)
+# --- a minimal HTTP/1.1 client over a raw socket -------------------------------------------
+
+def cpu_seconds(pid=None):
+    """CPU seconds (user + system) of this process, or of ``pid`` with all its threads."""
+    if pid is None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _read_response(s, sink):
+def _read_head(s):
     buffer = bytearray()
     while b"\r\n\r\n" not in buffer:
         chunk = s.recv(65536)
@@ -76,81 +87,94 @@ def _read_response(s, sink):
     status = int(head.split()[1])
     length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
                       if line.lower().startswith(b"content-length")))
-    received = len(rest)
-    if sink:
-        sink(rest)
-    body = bytearray() if sink else bytearray(rest)
-    view = memoryview(bytearray(4 * MiB))
-    while received < length:
-        n = s.recv_into(view)
-        if n == 0:
+    return status, length, rest
+
+
+def _read_body(s, length, rest):
+    body = bytearray(rest)
+    while len(body) < length:
+        chunk = s.recv(min(65536, length - len(body)))
+        if not chunk:
             raise RuntimeError("connection closed mid-body")
-        received += n
-        (sink or body.extend)(view[:n])
-    return status, bytes(body)
+        body += chunk
+    return bytes(body)
 
 
-def upload(port, token, path):
-    size = path.stat().st_size
+class Timed:
+    """Wall time and CPU seconds of the client and the server around a transfer."""
+
+    def __init__(self, server_pid):
+        self.server_pid = server_pid
+
+    def __enter__(self):
+        self.wall = time.perf_counter()
+        self.client, self.server = cpu_seconds(), cpu_seconds(self.server_pid)
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self.wall
+        self.client = cpu_seconds() - self.client
+        self.server = cpu_seconds(self.server_pid) - self.server
+
+    def figures(self, size):
+        return {"mb_s": size / self.wall / 1e6, "seconds": self.wall,
+                "client_cpu_s": self.client, "server_cpu_s": self.server}
+
+
+def upload(port, token, pieces, size, name, server_pid):
+    """POST ``size`` bytes, given as an iterable of buffers, to the upload endpoint."""
     head = (f"POST /api/v1/images/ HTTP/1.1\r\nHost: 127.0.0.1\r\n"
             f"Authorization: Token {token}\r\nContent-Type: application/octet-stream\r\n"
-            f"X-Berth-Name: bench\r\nContent-Length: {size}\r\n\r\n").encode()
-
-    def send_file(s):
-        with open(path, "rb") as f:
-            offset = 0
-            while offset < size:
-                offset += os.sendfile(s.fileno(), f.fileno(), offset, size - offset)
-
-    started = time.perf_counter()
-    status, body = http_request(port, head, send_file)
-    elapsed = time.perf_counter() - started
-    if status != 201:
-        raise RuntimeError(f"upload failed: {status} {body[:300]!r}")
-    return json.loads(body), elapsed
-
-
-def upload_generated(port, token, size):
-    """Upload ``size`` bytes generated on the fly (no file): for the peak-RSS run."""
-    head = (f"POST /api/v1/images/ HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            f"Authorization: Token {token}\r\nContent-Type: application/octet-stream\r\n"
-            f"X-Berth-Name: bench-big\r\nContent-Length: {size}\r\n\r\n").encode()
-    block = memory_pages(64 * MiB // PAGE, 99).tobytes()
-
-    def send(s):
-        sent = 0
-        while sent < size:
-            piece = block[: min(len(block), size - sent)]
+            f"X-Berth-Name: {name}\r\nContent-Length: {size}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", port)) as s, Timed(server_pid) as timed:
+        s.sendall(head)
+        for piece in pieces:
             s.sendall(piece)
-            sent += len(piece)
-
-    started = time.perf_counter()
-    status, body = http_request(port, head, send)
+        status, length, rest = _read_head(s)
+        body = _read_body(s, length, rest)
     if status != 201:
         raise RuntimeError(f"upload failed: {status} {body[:300]!r}")
-    return json.loads(body), time.perf_counter() - started
+    return json.loads(body), timed.figures(size)
 
 
-def download(port, token, image_id):
+def download(port, token, image_id, into, server_pid, check=None):
+    """GET the image into the buffer ``into`` (a ring if smaller than the image).
+
+    ``check(view, offset)`` sees each filled ring; with no ring the caller
+    compares ``into`` once the clock has stopped.
+    """
     head = (f"GET /api/v1/images/{image_id}/content HTTP/1.1\r\nHost: 127.0.0.1\r\n"
             f"Authorization: Token {token}\r\n\r\n").encode()
-    digest = hashlib.sha256()
-    started = time.perf_counter()
-    status, _ = http_request(port, head, sink=digest.update)
-    elapsed = time.perf_counter() - started
-    if status != 200:
-        raise RuntimeError(f"download failed: {status}")
-    return digest.hexdigest(), elapsed
+    view = memoryview(into)
+    with socket.create_connection(("127.0.0.1", port)) as s, Timed(server_pid) as timed:
+        s.sendall(head)
+        status, length, rest = _read_head(s)
+        if status != 200:
+            raise RuntimeError(f"download failed: {status} {_read_body(s, length, rest)[:300]!r}")
+        view[:len(rest)] = rest
+        done, fill = len(rest), len(rest)
+        while done < length:
+            n = s.recv_into(view[fill:min(len(view), fill + length - done)])
+            if n == 0:
+                raise RuntimeError("connection closed mid-body")
+            done, fill = done + n, fill + n
+            if fill == len(view) or done == length:
+                if check:
+                    check(view[:fill], done - fill)
+                fill = 0
+    return length, timed.figures(length)
 
 
-def peak_rss_mib(pid):
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return None
-
+# --- peers ---------------------------------------------------------------------------------
 
 DRAIN_APP = """
+import sys
+sys.path.insert(0, {root!r})
+from portal.malloc import tune_for_streaming
+
+tune_for_streaming()  # the same process settings as the portal's
+
+
 async def app(scope, receive, send):
     if scope["type"] != "http":
         return
@@ -159,18 +183,16 @@ async def app(scope, receive, send):
         message = await receive()
         received += len(message.get("body", b""))
         more = message.get("more_body", False)
-    body = b'{"id": "drain", "stored_size": %d}' % received
-    await send({"type": "http.response.start", "status": 201,
-                "headers": [(b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
+    body = b'{{"id": "drain", "stored_size": %d}}' % received
+    await send({{"type": "http.response.start", "status": 201,
+                "headers": [(b"content-length", str(len(body)).encode())]}})
+    await send({{"type": "http.response.body", "body": body}})
 """
 
 
-def bare_uvicorn_upload(path, work):
+def bare_uvicorn_upload(view, work, repeat):
     """The transport ceiling: the same upload into an ASGI app that only drains the body."""
-    from tests.support.server import free_port
-
-    (work / "drain_app.py").write_text(DRAIN_APP)
+    (work / "drain_app.py").write_text(DRAIN_APP.format(root=str(ROOT)))
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "uvicorn", "drain_app:app", "--port",
                                 str(port), "--log-level", "warning"], cwd=work)
@@ -181,36 +203,33 @@ def bare_uvicorn_upload(path, work):
                 break
             except OSError:
                 time.sleep(0.1)
-        _, elapsed = upload(port, "none", path)
-        return path.stat().st_size / elapsed / 1e6
+        return [upload(port, "none", [view], len(view), "drain", process.pid)[1]
+                for _ in range(repeat)]
     finally:
         process.terminate()
         process.wait()
 
 
-def reset_peak_rss(pid):
-    Path(f"/proc/{pid}/clear_refs").write_text("5")
-
-
-def current_rss_mib(pid):
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return None
-
-
-def raw_aes_gcm(path):
+def raw_aes_gcm(view):
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     aead = AESGCM(os.urandom(32))
-    data = path.read_bytes()
     started = time.perf_counter()
-    for i, start in enumerate(range(0, len(data), MiB)):
-        aead.encrypt(i.to_bytes(12, "big"), data[start:start + MiB], b"")
-    return len(data) / (time.perf_counter() - started) / 1e6
+    for i, start in enumerate(range(0, len(view), MiB)):
+        aead.encrypt(i.to_bytes(12, "big"), view[start:start + MiB], b"")
+    return len(view) / (time.perf_counter() - started) / 1e6
 
 
-def restic(path, workdir):
+def one_core_sha256(view):
+    digest = hashlib.sha256()
+    started = time.perf_counter()
+    for start in range(0, len(view), MiB):
+        digest.update(view[start:start + MiB])
+    return len(view) / (time.perf_counter() - started) / 1e6
+
+
+def restic(view, workdir):
+    """`restic backup` of the same image, read from stdin so it never touches disk."""
     if not shutil.which("restic"):
         return None
     repo = workdir / "restic-repo"
@@ -218,11 +237,67 @@ def restic(path, workdir):
     subprocess.run(["restic", "init", "--repo", str(repo)], env=env, check=True,
                    capture_output=True)
     started = time.perf_counter()
-    subprocess.run(["restic", "backup", "--repo", str(repo), str(path)], env=env, check=True,
-                   capture_output=True)
+    backup = subprocess.Popen(["restic", "backup", "--repo", str(repo), "--stdin",
+                               "--stdin-filename", "image.bin"], env=env,
+                              stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+    _, err = backup.communicate(view)
     elapsed = time.perf_counter() - started
+    if backup.returncode:
+        raise RuntimeError(f"restic backup failed: {err.decode(errors='replace')[:300]}")
     stored = sum(p.stat().st_size for p in repo.rglob("*") if p.is_file())
-    return {"mb_per_s": path.stat().st_size / elapsed / 1e6, "stored_bytes": stored}
+    return {"mb_per_s": len(view) / elapsed / 1e6, "stored_bytes": stored}
+
+
+# --- the runs ------------------------------------------------------------------------------
+
+def rss_mib(pid, field):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return None
+
+
+def summary(runs):
+    rates = [r["mb_s"] for r in runs]
+    return {"best_mb_s": max(rates), "median_mb_s": statistics.median(rates), "runs": runs}
+
+
+def round_trips(server, token, image, repeat):
+    """Upload and download the image ``repeat`` times; every download byte-compared."""
+    ups, downs, record = [], [], None
+    received = bytearray(len(image))
+    received[:] = image  # touch every page now, not on the clock
+    for i in range(repeat):
+        received[:1] = b"\xff" if image[:1] != b"\xff" else b"\x00"
+        record, up = upload(server.port, token, [memoryview(image)], len(image), f"bench-{i}",
+                            server.process.pid)
+        _, down = download(server.port, token, record["id"], received, server.process.pid)
+        if received != image:
+            raise RuntimeError("downloaded image differs from the uploaded one")
+        ups.append(up)
+        downs.append(down)
+    return record, summary(ups), summary(downs)
+
+
+def big_run(server, token, size):
+    """A ``size`` image streamed from one repeated 64 MiB block, down into a 64 MiB ring."""
+    block = memory_pages(BLOCK // PAGE, 99).tobytes()
+    pieces = [block] * (size // BLOCK) + [block[:size % BLOCK]]
+    expected = hashlib.sha256()
+    for piece in pieces:
+        expected.update(piece)
+    record, up = upload(server.port, token, pieces, size, "bench-big", server.process.pid)
+    if record["sha256"] != expected.hexdigest():
+        raise RuntimeError("the server recorded another SHA-256 for the big image")
+
+    def check(view, offset):
+        if view != memoryview(block)[:len(view)]:
+            raise RuntimeError(f"big download differs near offset {offset}")
+
+    _, down = download(server.port, token, record["id"], bytearray(BLOCK), server.process.pid,
+                       check)
+    return {"bytes": size, "upload": up, "download": down}
 
 
 def main():
@@ -230,12 +305,14 @@ def main():
     parser.add_argument("--gib", type=float, default=1.0)
     parser.add_argument("--big-gib", type=float, default=4.0,
                         help="size of the peak-RSS run (0 to skip)")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of each measure")
     args = parser.parse_args()
     size = int(args.gib * 1024) * MiB
+    image = memory_image(size)
+    view = memoryview(image)
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="berth-bench-") as tmp:
         work = Path(tmp)
-        image = work / "image.bin"
-        sha = write_image(image, size)
         data_dir = work / "data"
         data_dir.mkdir()
         server = PortalServer(data_dir, {"BERTH_LOG_LEVEL": "WARNING"}).start()
@@ -243,36 +320,33 @@ def main():
             out = manage("tokens", "issue", "admin", "--scope", "images:write", "--scope",
                          "images:download", env=server.env).stdout
             token = out.split("token: ")[1].split()[0]
-            idle_rss = current_rss_mib(server.process.pid)
+            idle_rss = rss_mib(server.process.pid, "VmRSS")
             # Start-up peaks (an Argon2 hash takes ~100 MiB) are not streaming memory.
-            reset_peak_rss(server.process.pid)
-            record, up_s = upload(server.port, token, image)
-            got_sha, down_s = download(server.port, token, record["id"])
-            assert got_sha == sha, "downloaded image differs"
-            big = None
-            if args.big_gib:
-                big_size = int(args.big_gib * 1024) * MiB
-                big_record, big_s = upload_generated(server.port, token, big_size)
-                _, big_down_s = download(server.port, token, big_record["id"])
-                big = {"bytes": big_size, "upload_mb_s": big_size / big_s / 1e6,
-                       "download_mb_s": big_size / big_down_s / 1e6}
-            rss = peak_rss_mib(server.process.pid)
+            Path(f"/proc/{server.process.pid}/clear_refs").write_text("5")
+            record, ups, downs = round_trips(server, token, image, args.repeat)
+            big = big_run(server, token, int(args.big_gib * 1024) * MiB) if args.big_gib else None
+            rss = rss_mib(server.process.pid, "VmHWM")
         finally:
             server.stop()
         result = {
             "when": datetime.now(UTC).isoformat(timespec="seconds"),
             "image_bytes": size,
-            "upload_mb_s": size / up_s / 1e6,
-            "download_mb_s": size / down_s / 1e6,
+            "upload_mb_s": ups["best_mb_s"],
+            "download_mb_s": downs["best_mb_s"],
+            "upload": ups,
+            "download": downs,
             "stored_bytes": record["stored_size"],
             "stored_ratio": record["stored_size"] / size,
             "server_peak_rss_mib": rss,
             "server_idle_rss_mib": idle_rss,
-            "bare_uvicorn_upload_mb_s": bare_uvicorn_upload(image, work),
             "big_run": big,
-            "raw_aes_gcm_mb_s": raw_aes_gcm(image),
-            "restic": restic(image, work),
+            "bare_uvicorn_upload": summary(bare_uvicorn_upload(view, work, args.repeat)),
+            "raw_aes_gcm_mb_s": raw_aes_gcm(view),
+            "one_core_sha256_mb_s": one_core_sha256(view),
+            "restic": restic(view, work),
             "cpus": os.cpu_count(),
+            "load_average_before": load_before,
+            "load_average_after": os.getloadavg(),
         }
     out_dir = ROOT / "bench" / "results"
     out_dir.mkdir(exist_ok=True)

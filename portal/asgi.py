@@ -5,11 +5,24 @@ ASGI handler spools whole request bodies to a temporary file.
 """
 import os
 
+from portal.malloc import tune_for_streaming
+
+# Before anything allocates: streamed images would page-fault every buffer in anew.
+tune_for_streaming()
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
 
-from django.core.asgi import get_asgi_application  # noqa: E402
+import django  # noqa: E402
+from django.core.handlers.asgi import ASGIHandler  # noqa: E402
 
-django_application = get_asgi_application()
+
+class StreamingASGIHandler(ASGIHandler):
+    # Django cuts every streamed piece into 64 KiB body messages (a copy and an
+    # await each); image downloads yield whole 1 MiB chunks, sent as they are.
+    chunk_size = 4 * 1024 * 1024
+
+
+django.setup(set_prefix=False)  # what get_asgi_application() does before building its handler
+django_application = StreamingASGIHandler()
 
 from channels.routing import ProtocolTypeRouter  # noqa: E402
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import threading
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -322,14 +324,44 @@ def _decode_body(body: bytes, index: int, final: bool, info: Header,
         return bytes(data), 0
     if expected == 0:
         return bytes(n), zero_pages
-    plain = bytearray(n)  # zero-filled: the omitted pages are already in place
-    out = np.frombuffer(plain, np.uint8)
-    out[:full * PAGE_SIZE].reshape(full, PAGE_SIZE)[keep[:full]] = (
-        np.frombuffer(data, np.uint8, kept * PAGE_SIZE).reshape(kept, PAGE_SIZE))
-    if tail_len:
-        out[full * PAGE_SIZE:] = np.frombuffer(data, np.uint8, tail_len, kept * PAGE_SIZE)
-    del out
-    return bytes(plain), zero_pages
+    return b"".join(_page_runs(keep, full, tail, memoryview(data))), zero_pages
+
+
+def _page_runs(keep, full: int, tail: int, data: memoryview) -> list:
+    """The plaintext as pieces: runs of kept pages from ``data``, runs of zero pages.
+
+    ``bytes.join`` of these builds the chunk in one pass, without a zero-filled
+    buffer or a second copy.
+    """
+    zeros = _zeros(full * PAGE_SIZE + tail)
+    pieces, pos = [], 0
+    if full:
+        flags = keep[:full]
+        edges = (np.flatnonzero(flags[1:] != flags[:-1]) + 1).tolist()
+        for start, end, kept in zip([0, *edges], [*edges, full], flags[[0, *edges]].tolist(),
+                                    strict=True):
+            length = (end - start) * PAGE_SIZE
+            if kept:
+                pieces.append(data[pos:pos + length])
+                pos += length
+            else:
+                pieces.append(zeros[:length])
+    if tail:
+        pieces.append(data[pos:pos + tail] if keep[-1] else zeros[:tail])
+    return pieces
+
+
+_zero_block = memoryview(b"")
+_zero_lock = threading.Lock()
+
+
+def _zeros(n: int) -> memoryview:
+    """At least ``n`` zero bytes, shared (read-only), grown to the largest chunk seen."""
+    global _zero_block
+    with _zero_lock:
+        if len(_zero_block) < n:
+            _zero_block = memoryview(bytes(n))
+        return _zero_block
 
 
 def _decompress(dctx, data, expected: int, bad):
@@ -409,7 +441,11 @@ class _Digest:
 
     def add(self, plain, stored: int, zero_pages: int) -> None:
         self.sha.update(plain)
-        self.plaintext += len(plain)
+        self.count(len(plain), stored, zero_pages)
+
+    def count(self, plain_size: int, stored: int, zero_pages: int) -> None:
+        """Everything but the hash (which the caller feeds to ``sha`` itself)."""
+        self.plaintext += plain_size
         self.stored += stored
         self.zero_pages += zero_pages
         self.chunks += 1
@@ -417,6 +453,28 @@ class _Digest:
     def stats(self) -> ImageStats:
         return ImageStats(self.plaintext, self.stored, self.sha.hexdigest(), self.zero_pages,
                           self.chunks)
+
+
+# SHA-256 is the one step of the encoder that cannot be split (~1.4 GB/s on one
+# core); hashlib releases the GIL, so hashing a fed piece on another thread
+# while its chunks are sealed here runs both at once on two cores.
+PARALLEL_HASH_BYTES = 256 * 1024  # below this a thread hop costs more than it saves
+_hash_pool: ThreadPoolExecutor | None = None
+_hash_pool_lock = threading.Lock()
+
+
+def _hasher() -> ThreadPoolExecutor:
+    global _hash_pool
+    with _hash_pool_lock:
+        if _hash_pool is None:
+            _hash_pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2,
+                                            thread_name_prefix="berth-sha256")
+        return _hash_pool
+
+
+def _hash_pieces(sha, pieces) -> None:
+    for piece in pieces:
+        sha.update(piece)
 
 
 # --- writing ---------------------------------------------------------------------------------
@@ -450,29 +508,44 @@ class ChunkEncoder:
         self.chunk_size = chunk_size
         self.stats: ImageStats | None = None  # set by finish()
 
-    def feed(self, data) -> list[bytes]:
-        """Buffer ``data``; return the records of every chunk it completed."""
+    def feed(self, data) -> list[bytearray]:
+        """Buffer ``data``; return the records of every chunk it completed.
+
+        ``data`` is only read, and not after ``feed`` returns. Chunk-aligned
+        pieces are sealed straight from the caller's buffer, without a copy.
+        """
         if self.stats is not None:
             raise ValueError("encoder already finished")
         view = memoryview(data).cast("B")
-        size, records = self.chunk_size, []
+        size, chunks = self.chunk_size, []
         if self._fill:
             take = min(size - self._fill, len(view))
             self._buf[self._fill:self._fill + take] = view[:take]
             self._fill += take
             view = view[take:]
             if self._fill == size:
-                records.append(self._seal(self._buf, final=False))
+                chunks.append(memoryview(self._buf))
                 self._fill = 0
-        while len(view) >= size:  # whole chunks straight from the caller's buffer
-            records.append(self._seal(view[:size], final=False))
-            view = view[size:]
-        if len(view):
-            self._buf[:len(view)] = view
-            self._fill = len(view)
+        whole = len(view) // size * size
+        chunks += [view[start:start + size] for start in range(0, whole, size)]
+        records = self._seal_all(chunks, [*chunks[:len(chunks) - whole // size], view[:whole]])
+        if whole < len(view):  # only now: _buf may have been one of the chunks just sealed
+            self._buf[:len(view) - whole] = view[whole:]
+            self._fill = len(view) - whole
         return records
 
-    def finish(self) -> list[bytes]:
+    def _seal_all(self, chunks, contiguous) -> list[bytearray]:
+        """Seal non-final ``chunks`` here while another thread hashes them (as the
+        same bytes in fewer, ``contiguous`` pieces)."""
+        if sum(len(c) for c in chunks) < PARALLEL_HASH_BYTES:
+            return [self._seal(chunk, final=False) for chunk in chunks]
+        hashing = _hasher().submit(_hash_pieces, self._digest.sha, contiguous)
+        try:
+            return [self._seal(chunk, final=False, hashed=True) for chunk in chunks]
+        finally:
+            hashing.result()  # even on error: the caller may reuse its buffer after we return
+
+    def finish(self) -> list[bytearray]:
         """Seal the final chunk (0 .. chunk_size-1 bytes) and set ``stats``."""
         if self.stats is not None:
             raise ValueError("encoder already finished")
@@ -481,16 +554,22 @@ class ChunkEncoder:
         self.stats = self._digest.stats()
         return [record]
 
-    def _seal(self, chunk, final: bool) -> bytes:
+    def _seal(self, chunk, final: bool, hashed: bool = False) -> bytearray:
         # The final chunk needs its own counter value, so a non-final chunk may
         # not take the last one.
         if self._index >= MAX_CHUNKS - (0 if final else 1):
             raise OverflowError("image too large: chunk counter exhausted")
         body, zero_pages = _encode_body(chunk, self._cctx)
-        ct = self._cipher.aead.encrypt(self._cipher.nonce(self._index, final), body, self.header)
+        record = bytearray(_LEN.size + len(body) + TAG_SIZE)
+        _LEN.pack_into(record, 0, len(body) + TAG_SIZE)
+        # Sealed straight into the record after its length: no concatenation.
+        self._cipher.aead.encrypt_into(self._cipher.nonce(self._index, final), body,
+                                       self.header, memoryview(record)[_LEN.size:])
         self._index += 1
-        self._digest.add(chunk, _LEN.size + len(ct), zero_pages)
-        return _LEN.pack(len(ct)) + ct
+        if not hashed:
+            self._digest.sha.update(chunk)
+        self._digest.count(len(chunk), len(record), zero_pages)
+        return record
 
 
 class ImageWriter:

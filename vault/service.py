@@ -60,6 +60,7 @@ class ImageSink:
             self._dek, self.image_id, chunk_size=settings.VAULT_CHUNK_MIB * 1024 * 1024,
             algorithm=ALGORITHMS[settings.VAULT_ALGORITHM], compress=settings.VAULT_COMPRESS)
         self.header = self._encoder.header
+        self.chunk_size = self._encoder.chunk_size
         self._writer = storage().open_writer(str(self.image_id))
         self._writer.write(self.header)
 

@@ -27,6 +27,8 @@ time per writer::
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import fcntl
 import os
 import re
@@ -228,6 +230,34 @@ def _write_all(fd: int, data) -> None:
         view = view[os.write(fd, view):]
 
 
+WRITEBACK_BYTES = 8 * 1024 * 1024
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _writeback_function():
+    """Linux's ``sync_file_range`` (absent from ``os``), or None where there is none."""
+    try:
+        function = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    return function
+
+
+_sync_file_range = _writeback_function()
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing a range to disk, without waiting for it.
+
+    Otherwise the dirty pages of a whole image wait in the page cache until the
+    commit's fsync, which then stalls the upload for the time the disk needs
+    to take all of them (0.2 s per 400 MB here). Best effort: fsync still decides.
+    """
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
 class LocalWriter(Writer):
     """Writes ``.<id>.img.partial-<random>`` beside the final name; commit renames it."""
 
@@ -240,9 +270,10 @@ class LocalWriter(Writer):
         if self._final.exists():
             raise ObjectExists(f"image {image_id} already has a stored object")
         self._partial = shard / f".{self._final.name}.partial-{secrets.token_hex(8)}"
+        # Unbuffered: callers write whole records, which a buffer would only copy.
         self._fd = _create_locked(self._partial)
-        self._file = os.fdopen(self._fd, "wb", buffering=1024 * 1024, closefd=True)
         self.bytes_written = 0
+        self._written_back = 0
         self._state = "open"
 
     def __repr__(self):
@@ -255,8 +286,12 @@ class LocalWriter(Writer):
     def write(self, data: bytes) -> int:
         if self._state != "open":
             raise StorageError(f"write to a {self._state} writer for image {self.image_id}")
-        n = self._file.write(data)
+        n = len(memoryview(data).cast("B"))
+        _write_all(self._fd, data)
         self.bytes_written += n
+        if self.bytes_written - self._written_back >= WRITEBACK_BYTES:
+            _start_writeback(self._fd, self._written_back, self.bytes_written - self._written_back)
+            self._written_back = self.bytes_written
         return n
 
     def commit(self) -> None:
@@ -264,8 +299,7 @@ class LocalWriter(Writer):
             raise StorageError(f"commit of a {self._state} writer for image {self.image_id}")
         renamed = False
         try:
-            self._file.flush()
-            os.fsync(self._file.fileno())
+            os.fsync(self._fd)
             if self._final.exists():
                 raise ObjectExists(f"image {self.image_id} already has a stored object")
             # Renamed while still open and locked: cleanup never sees an unlocked partial.
@@ -279,14 +313,14 @@ class LocalWriter(Writer):
             self.abort()
             raise
         self._state = "committed"
-        self._file.close()
+        os.close(self._fd)
 
     def abort(self) -> None:
         if self._state != "open":
             return
         self._state = "aborted"
         with contextlib.suppress(OSError):
-            self._file.close()  # may fail to flush; the bytes are being discarded anyway
+            os.close(self._fd)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._partial)
 

@@ -21,8 +21,9 @@ from portal.models import Outcome
 from vault import access, service
 
 UPLOAD_PATH = "/api/v1/images/"
-# Hand the encryptor pieces this large: fewer thread hops, still bounded memory.
-FEED_BYTES = 1024 * 1024
+# Hand the encryptor pieces this large (rounded to whole chunks): fewer thread
+# hops; memory holds two of them per upload.
+FEED_BYTES = 4 * 1024 * 1024
 
 
 class UploadError(Exception):
@@ -143,13 +144,15 @@ async def _receive_into_vault(request, meta, receive):
 
 
 async def _pump(receive, sink, declared):
-    """Receive the body, handing the encryptor 4 MiB at a time.
+    """Receive the body into chunk-aligned buffers, sealing one while filling the other.
 
-    Double-buffered: while a worker thread encrypts one piece, the event loop
-    receives the next, so network and crypto overlap on two cores.
+    While a worker thread seals one buffer (hashing it on a second thread), the
+    event loop receives into the other, so network, hashing and encryption
+    overlap on two cores. Whole chunks reach the encoder without another copy.
     """
-    buffered, pending, received = [], 0, 0
-    encrypting = None
+    feed = max(1, FEED_BYTES // sink.chunk_size) * sink.chunk_size
+    buffer, spare, fill = bytearray(feed), bytearray(feed), 0
+    received, encrypting = 0, None
     limit = settings.VAULT_MAX_IMAGE_BYTES
     try:
         while True:
@@ -162,18 +165,23 @@ async def _pump(receive, sink, declared):
                 raise UploadError(413, "too_large", f"Images are limited to {limit} bytes.")
             if declared is not None and received > declared:
                 raise UploadError(400, "length_mismatch", "The body is longer than Content-Length.")
-            if body:
-                buffered.append(body)
-                pending += len(body)
-            more = message.get("more_body", False)
-            if pending >= FEED_BYTES or (not more and pending):
-                if encrypting:
-                    await encrypting
-                piece = b"".join(buffered)
-                encrypting = asyncio.ensure_future(asyncio.to_thread(sink.write, piece))
-                buffered, pending = [], 0
-            if not more:
+            view = memoryview(body)
+            while view:
+                take = min(len(view), feed - fill)
+                buffer[fill:fill + take] = view[:take]
+                fill, view = fill + take, view[take:]
+                if fill == feed:
+                    if encrypting:
+                        await encrypting  # before its buffer becomes the one we fill
+                    encrypting = asyncio.ensure_future(asyncio.to_thread(sink.write, buffer))
+                    buffer, spare, fill = spare, buffer, 0
+            if not message.get("more_body", False):
                 break
+        if fill:
+            if encrypting:
+                await encrypting
+            encrypting = asyncio.ensure_future(
+                asyncio.to_thread(sink.write, memoryview(buffer)[:fill]))
     finally:
         if encrypting:
             await encrypting

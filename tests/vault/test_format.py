@@ -161,6 +161,25 @@ def test_output_does_not_depend_on_how_the_input_is_split(data, pieces):
     assert b"".join(out + encoder.finish()) == whole
 
 
+@pytest.mark.parametrize("pieces", [[CS], [3 * CS], [CS + 1, 5 * CS - 7], [100, 4 * CS]])
+def test_hashing_on_another_thread_gives_the_same_image_and_digest(monkeypatch, pieces):
+    data = paged(40 * CS) + memory_like(CS + 333, unit=100)
+    prefix = b"\x07" * 7
+    whole, _ = encode(data, prefix=prefix, image_id=uuid.UUID(int=1))
+    monkeypatch.setattr(vf, "PARALLEL_HASH_BYTES", 0)  # every feed hashes on the pool
+    encoder = vf.ChunkEncoder(DEK, uuid.UUID(int=1), chunk_size=CS, allow_small_chunks=True,
+                              _test_random=lambda n: prefix)
+    out, pos, i = [encoder.header], 0, 0
+    while pos < len(data):
+        size = pieces[i % len(pieces)]
+        buffer = bytearray(data[pos:pos + size])
+        out += encoder.feed(buffer)
+        buffer[:] = bytes(len(buffer))  # the caller reuses its buffer once feed returns
+        pos, i = pos + size, i + 1
+    assert b"".join(out + encoder.finish()) == whole
+    assert encoder.stats.sha256 == hashlib.sha256(data).hexdigest()
+
+
 def test_empty_image_is_one_empty_final_chunk():
     raw, stats = encode(b"")
     header, records = split(raw)

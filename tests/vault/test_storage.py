@@ -55,6 +55,25 @@ def commit(store, image_id, data=b"ciphertext" * 100, envelope=b"wrapped-key"):
 
 # --- writing and reading ------------------------------------------------------------------
 
+def test_a_long_write_starts_disk_writeback_of_each_range_once(store, monkeypatch):
+    started = []
+    monkeypatch.setattr(vstorage, "_sync_file_range",
+                        lambda fd, offset, length, flags: started.append((offset, length)))
+    monkeypatch.setattr(vstorage, "WRITEBACK_BYTES", 1000)
+    image_id = new_id()
+    with store.open_writer(image_id) as w:
+        for i in range(5):
+            w.write(bytes([i]) * 700)
+        w.commit()
+    assert started == [(0, 1400), (1400, 1400)]
+    with store.open_reader(image_id) as f:
+        assert f.read() == b"".join(bytes([i]) * 700 for i in range(5))
+
+
+def test_writeback_is_available_on_linux():
+    assert vstorage._sync_file_range is not None or not sys.platform.startswith("linux")
+
+
 def test_committed_object_is_readable_seekable_and_sized(store):
     image_id = new_id()
     data = os.urandom(300_000)

@@ -10,7 +10,7 @@ from portal.models import AuditRecord
 from tests.vault.conftest import memory_like
 from vault import service
 from vault.models import SavedImage
-from vault.upload import handle_upload
+from vault.upload import FEED_BYTES, handle_upload
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -73,6 +73,20 @@ async def test_upload_streams_into_the_vault_and_returns_the_record(token):
     assert body["sha256"] == hashlib.sha256(data).hexdigest()
     assert body["guest_name"] == "debian_etch" and body["memory_mib"] == 128
     assert body["stored_size"] < len(data)  # zero pages cost nothing
+
+
+async def test_body_spanning_several_feed_buffers_is_stored_byte_for_byte(token):
+    # Odd-sized messages: buffers fill across message boundaries, and a partial one is left.
+    data = memory_like(2 * FEED_BYTES + 3 * 1024 * 1024 + 777)
+    status, body = await post(headers_for(token, len(data)), pieces_of(data, 300_001))
+    assert status == 201, body
+    assert body["sha256"] == hashlib.sha256(data).hexdigest()
+    image = await sync_to_async(SavedImage.objects.get)(pk=body["id"])
+    reader = await sync_to_async(service.open_reader)(image)
+    try:
+        assert b"".join(reader.iter_chunks()) == data
+    finally:
+        reader.close()
 
 
 async def test_client_dropping_mid_stream_leaves_no_object_and_no_row(token):

@@ -1,0 +1,48 @@
+"""glibc malloc settings for a process that streams large buffers.
+
+Streaming an image allocates and frees buffers of 256 KiB to a few MiB
+thousands of times a second (uvloop's socket reads, uvicorn's body messages,
+chunks, records). glibc serves blocks above its mmap threshold (128 KiB at
+start; it adapts, but trimming undoes it) with a fresh ``mmap`` and gives
+freed heap tops back to the kernel, so nearly every buffer is page-faulted
+in again on first touch. Measured on the 2-core bench machine: uvicorn
+draining a 1 GiB body spent 0.8 s of kernel time doing that, 0.2 s with
+these settings, and received 1.3 GB/s instead of 0.8 GB/s.
+
+Memory stays bounded: the heap keeps at most ``TRIM_THRESHOLD`` of free
+space, and what streaming holds at once is a few buffers per transfer.
+An operator's own ``MALLOC_*`` environment settings win.
+"""
+import ctypes
+import ctypes.util
+import logging
+import os
+import platform
+
+log = logging.getLogger(__name__)
+
+M_TRIM_THRESHOLD = -1
+M_TOP_PAD = -2
+M_MMAP_THRESHOLD = -3
+MiB = 1024 * 1024
+MMAP_THRESHOLD = 32 * MiB  # glibc's maximum on 64-bit; larger blocks still get their own mmap
+TRIM_THRESHOLD = 64 * MiB
+TOP_PAD = 16 * MiB
+OPERATOR_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+
+
+def tune_for_streaming() -> bool:
+    """Apply the settings once at process start; False where they do not apply."""
+    if platform.libc_ver()[0] != "glibc" or any(os.environ.get(n) for n in OPERATOR_SETTINGS):
+        return False
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    ok = all(mallopt(param, value) == 1 for param, value in (
+        (M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+        (M_TOP_PAD, TOP_PAD)))
+    if not ok:
+        log.warning("malloc tuning for streaming was refused; large transfers will be slower")
+    return ok
