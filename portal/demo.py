@@ -66,6 +66,22 @@ DEMO_GUESTS = [
 ]
 
 
+def demo_driver():
+    """``BERTH_DEMO_DRIVER=qemu`` runs the demo hosts' guests as real QEMU
+    processes (TCG) instead of simulated ones."""
+    driver = os.environ.get("BERTH_DEMO_DRIVER", "sim").strip() or "sim"
+    if driver not in ("sim", "qemu"):
+        raise ValueError(f"BERTH_DEMO_DRIVER must be sim or qemu, not {driver!r}")
+    return driver
+
+
+def demo_guests(driver):
+    if driver == "sim":
+        return DEMO_GUESTS
+    # QEMU boots no Xen kernel: without one its guests run a tiny halt loop.
+    return [{k: v for k, v in g.items() if k != "kernel"} for g in DEMO_GUESTS]
+
+
 def ensure_demo_hosts(portal_url):
     """Enrol hostb and hostc once; return their agent config paths."""
     import uuid
@@ -73,6 +89,7 @@ def ensure_demo_hosts(portal_url):
     from migrator.enrollment import HostSpec, bundle_dir, enroll
     from migrator.models import Host
 
+    driver = demo_driver()
     paths = []
     # Tests run demos side by side: they pick free relocation ports this way.
     ports = os.environ.get("BERTH_DEMO_RELOCATION_PORTS", "")
@@ -82,9 +99,10 @@ def ensure_demo_hosts(portal_url):
         config = bundle_dir(name) / "agent.toml"
         if not Host.objects.filter(name=name).exists() or not config.exists():
             Host.objects.filter(name=name).delete()  # a half-made earlier attempt
-            guests = [{**g, "uuid": str(uuid.uuid4())} for g in DEMO_GUESTS] \
+            guests = [{**g, "uuid": str(uuid.uuid4())} for g in demo_guests(driver)] \
                 if name == "hostb" else []
             enroll(HostSpec(name=name, relocation_port=port, storage=[SHARED_STORAGE],
-                            hosts_allow=allow, guests=guests), portal_url=portal_url)
+                            hosts_allow=allow, guests=guests, driver=driver),
+                   portal_url=portal_url)
         paths.append(config)
     return paths

@@ -46,7 +46,7 @@ from migrator.hypervisor.base import (
 )
 from migrator.hypervisor.sim import SimDriver
 
-from .config import AgentConfig, HostConfig
+from .config import AgentConfig, HostConfig, RelocationConfig
 from .indoubt import KEEP, InDoubtBook, holding, settle
 from .jobs import ACTIONS, BadCommand, Job, _uuid, guest_json, result_message
 from .migrate import MigrateJob, RelocationEndpoint
@@ -79,11 +79,21 @@ for _logger in (log, _WS_LOG):
     _logger.addFilter(_Redact())
 
 
-def make_driver(host: HostConfig) -> HypervisorDriver:
-    """The hypervisor driver the config names (only ``sim`` so far)."""
+def make_driver(host: HostConfig, relocation: RelocationConfig | None = None
+                ) -> HypervisorDriver:
+    """The hypervisor driver the config names: ``sim`` or ``qemu`` (whose
+    guests live in ``state_dir/qemu`` and migrate with the relocation
+    certificate)."""
     if host.driver == "sim":
         return SimDriver(host.name, host.memory_mib, arch=host.arch,
                          virt_features=host.virt_extensions)
+    if host.driver == "qemu":
+        from migrator.hypervisor.qemu import QemuDriver, TlsFiles
+
+        tls = (TlsFiles(relocation.cert, relocation.key, relocation.ca)
+               if relocation is not None and relocation.cert else None)
+        return QemuDriver(host.name, host.memory_mib, host.state_dir / "qemu", arch=host.arch,
+                          virt_features=host.virt_extensions, tls=tls)
     raise ValueError(f"unknown driver {host.driver!r}")
 
 
@@ -113,9 +123,10 @@ class Agent:
                  heartbeat: float = 10.0, poll: float = 0.5, resend_after: float = 30.0,
                  transfer_timeout: float = 60.0, shutdown_timeout: float = 10.0):
         self.config = config
-        self.driver = driver if driver is not None else make_driver(config.host)
-        self._own_driver = driver is None
         ensure_state_dir(config.host.state_dir)
+        self.driver = (driver if driver is not None
+                       else make_driver(config.host, config.relocation))
+        self._own_driver = driver is None
         self.outbox = Outbox(config.host.state_dir)
         self.state = HostState(config.host.state_dir)
         self.in_doubt = InDoubtBook(config.host.state_dir)

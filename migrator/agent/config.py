@@ -22,9 +22,11 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from migrator.hypervisor.base import PAGES_PER_MIB
+from migrator.hypervisor.qemu_process import GUEST_KEYS as QEMU_GUEST_KEYS
+from migrator.hypervisor.qemu_process import check_config
 from migrator.hypervisor.workload import resolve_profile
 
-DRIVERS = ("sim",)
+DRIVERS = ("sim", "qemu")
 HOST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 MAX_VCPUS = 64
 
@@ -80,11 +82,12 @@ class GuestConfig:
     ip: str = ""
     storage: tuple[str, ...] = ()
     workload: dict[str, Any] = field(default_factory=lambda: {"profile": "idle"})
+    qemu: dict[str, Any] = field(default_factory=dict)  # QEMU driver keys (docs/qemu.md)
 
     def driver_config(self) -> dict[str, Any]:
         """The guest config as the driver stores and saves it."""
         return {"kernel": self.kernel, "ip": self.ip, "storage": list(self.storage),
-                "workload": dict(self.workload)}
+                "workload": dict(self.workload), **self.qemu}
 
 
 @dataclass(frozen=True)
@@ -189,7 +192,7 @@ def _relocation(t: dict[str, Any]) -> RelocationConfig:
 
 def _guest(t: dict[str, Any], where: str) -> GuestConfig:
     _known(t, where, {"name", "memory_mib", "vcpus", "uuid", "kernel", "ip", "storage",
-                      "workload"})
+                      "workload", *QEMU_GUEST_KEYS})
     name = _str(t, f"{where}.name", "name")
     if len(name) > 255:
         raise ConfigError(f"{where}.name: longer than 255 characters")
@@ -212,7 +215,18 @@ def _guest(t: dict[str, Any], where: str) -> GuestConfig:
         uuid=uuid, kernel=_str(t, f"{where}.kernel", "kernel", default=""), ip=ip,
         storage=_strs(t, f"{where}.storage", "storage"),
         workload=_workload(t.get("workload", {"profile": "idle"}), f"{where}.workload",
-                           memory_mib))
+                           memory_mib),
+        qemu=_qemu_keys(t, where))
+
+
+def _qemu_keys(t: dict[str, Any], where: str) -> dict[str, Any]:
+    """The QEMU driver's guest keys, checked as the driver will check them."""
+    keys = {k: t[k] for k in QEMU_GUEST_KEYS if k in t}
+    try:
+        check_config(keys)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return keys
 
 
 def _workload(value: Any, where: str, memory_mib: int) -> dict[str, Any]:

@@ -73,6 +73,7 @@ from .qmp import QMP, QMPError, QMPGone
 from .savestream import MalformedStream, SaveStreamError, TruncatedStream
 
 log = logging.getLogger("berth.qemu")
+TlsFiles = proc.TlsFiles
 
 MAGIC = b"BERTHQMU"
 VERSION = 1
@@ -723,4 +724,4 @@ def _read_header(pieces: Iterator[bytes]) -> tuple[dict[str, Any], bytes]:
     return meta, buf[need:]
 
 
-__all__ = ["QemuDriver", "SaveStreamError"]
+__all__ = ["QemuDriver", "SaveStreamError", "TlsFiles"]

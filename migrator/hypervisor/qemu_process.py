@@ -39,6 +39,7 @@ from .qmp import QMP, QMPError
 QEMU_BINARY = "qemu-system-x86_64"
 MACHINE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 MAX_LOADERS = 16
+GUEST_KEYS = ("machine", "initrd", "append", "disk", "loader")  # besides kernel
 LOG_TAIL = 2000
 
 # The guest that runs when the config names no kernel and no disk: a boot
@@ -111,8 +112,10 @@ def command_line(directory: Path, *, name: str, uuid: str, memory_mib: int, vcpu
             # The RTC follows the VM clock: a paused guest's state does not
             # change with wall time.
             "-rtc", "clock=vm",
-            "-qmp", f"unix:{_opt(str(directory / 'qmp.sock'))},server=on,wait=off",
-            "-qmp", f"unix:{_opt(str(directory / 'watch.sock'))},server=on,wait=off",
+            # Relative to the guest's directory (QEMU starts there and binds
+            # before it daemonizes): a unix socket path is limited to 108 bytes.
+            "-qmp", "unix:qmp.sock,server=on,wait=off",
+            "-qmp", "unix:watch.sock,server=on,wait=off",
             "-daemonize", "-pidfile", str(directory / "qemu.pid"),
             "-D", str(directory / "qemu.log")]
     if config.get("kernel"):
@@ -145,7 +148,7 @@ def launch(directory: Path, argv: list[str], *, timeout: float = 30.0) -> int:
     with open(log, "ab") as err:
         try:
             done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                  stderr=err, timeout=timeout, check=False)
+                                  stderr=err, timeout=timeout, check=False, cwd=directory)
         except FileNotFoundError:
             raise QemuFailed(f"{argv[0]} is not installed on this host") from None
         except subprocess.TimeoutExpired:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -47,7 +48,7 @@ class QMP:
         self._sock.settimeout(timeout)
         self._buf = b""
         try:
-            self._sock.connect(path)
+            _connect(self._sock, path)
             greeting = self._read()
             if "QMP" not in greeting:
                 raise QMPError(f"{path} is not a QMP monitor")
@@ -118,6 +119,20 @@ class QMP:
         if not isinstance(value, dict):
             raise QMPError(f"QEMU monitor {self.path} sent a non-object")
         return value
+
+
+def _connect(sock: socket.socket, path: str) -> None:
+    """Connect even when the path is longer than a unix socket address
+    allows (108 bytes): through the directory's /proc/self/fd entry."""
+    if len(path.encode()) < 100:
+        sock.connect(path)
+        return
+    directory, name = os.path.split(path)
+    fd = os.open(directory, os.O_PATH | os.O_DIRECTORY)
+    try:
+        sock.connect(f"/proc/self/fd/{fd}/{name}")
+    finally:
+        os.close(fd)
 
 
 def command(path: str, name: str, args: dict[str, Any] | None = None, *,

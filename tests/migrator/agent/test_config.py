@@ -118,7 +118,7 @@ DELETE = object()
 @pytest.mark.parametrize(("key", "value", "expected"), [
     ("host.name", DELETE, "host.name: required key is missing"),
     ("host.name", "bad name!", "host.name: 'bad name!' is not a valid host name"),
-    ("host.driver", "xen", "host.driver: unknown driver 'xen' (known: sim)"),
+    ("host.driver", "xen", "host.driver: unknown driver 'xen' (known: sim, qemu)"),
     ("host.memory_mib", "4096", "host.memory_mib: must be an integer"),
     ("host.memory_mib", 0, "host.memory_mib: 0 is out of range (>= 1)"),
     ("host.subnet", "192.168.1.0/33", "host.subnet: '192.168.1.0/33' is not a network"),
