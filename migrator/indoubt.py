@@ -185,7 +185,8 @@ def _send(job, action, sides, **fields):
 
 
 def _locked(job_id):
-    return Job.objects.select_for_update().select_related(
+    # of=self: PostgreSQL cannot lock the nullable side of the joins.
+    return Job.objects.select_for_update(of=("self",)).select_related(
         "source_host", "destination_host", "requester").filter(id=job_id).first()
 
 
