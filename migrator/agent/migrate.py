@@ -17,6 +17,7 @@ from migrator.relocation import (
     RelocationServer,
     TicketBook,
 )
+from migrator.relocation.qemu_tls import QemuMigration
 
 from .indoubt import InDoubtBook
 from .jobs import BadCommand, Job, JobAborted, JobFailed, JobInDoubt, _text, _uuid
@@ -112,7 +113,10 @@ class MigrateJob(Job):
         self._remember_guest()
         reloc = self.relocation
         context = tls.client_context(reloc.cert, reloc.key, reloc.ca)
-        self.engine = PrecopyMigration(
+        # A QEMU guest migrates with QEMU's own stream (relocation/qemu_tls.py).
+        engine = (QemuMigration if getattr(self.driver, "migration_transport", "pages")
+                  == "qemu-tls" else PrecopyMigration)
+        self.engine = engine(
             self.driver, self.guest_uuid, self.dest_address, self.dest_port, self.dest_host,
             self._ticket, context, self.settings, self._forward, source_host=self.host.name,
             revoked_serials=getattr(self, "revoked_serials", frozenset()))

@@ -387,6 +387,11 @@ class RelocationServer:
         # the raw socket's descriptor, so stop() must shut down the wrapper)
         self._conns: dict[threading.Thread, socket.socket] = {}
         self._in_doubt: dict[str, dict[str, Any]] = {}
+        # A QEMU host takes QEMU's own TLS stream, not pages (qemu_tls.py).
+        self.incoming: type[_Incoming] = _Incoming
+        if getattr(driver, "migration_transport", "pages") == "qemu-tls":
+            from .qemu_tls import QemuIncoming
+            self.incoming = QemuIncoming
 
     # -- lifecycle ------------------------------------------------------------
     def start(self) -> int:
@@ -472,7 +477,7 @@ class RelocationServer:
                 return
             chan = Channel(tls, io_timeout=self.io_timeout)
             try:
-                _Incoming(self, chan, peer, address).run()
+                self.incoming(self, chan, peer, address).run()
             finally:
                 chan.close()
         finally:

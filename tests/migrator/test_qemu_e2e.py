@@ -110,3 +110,31 @@ def test_qemu_guests_survive_an_agent_restart(deployment):
         lambda: (g := deployment.guest("debian_etch"))["host"] == "hostb" and g, "the guest")
     assert again["domain_id"] == guest["domain_id"]  # re-attached, not rebooted
     assert deployment.qemu_pid("hostb", guest["uuid"]) == pid
+
+
+def test_live_migration_over_qemu_tls_moves_the_guest_and_its_memory(deployment):
+    before = deployment.guest("debian_etch")
+    source_pid = deployment.qemu_pid("hostb", before["uuid"])
+    response = deployment.api.post(f"/api/v1/guests/{before['uuid']}/migrate",
+                                   json={"destination": "hostc", "live": True})
+    assert response.status_code == 202, response.text
+    job = deployment.finished(response.json()["id"])
+    assert job["state"] == "succeeded", job
+    stages = [step["stage"] for step in job["timeline"]]
+    for stage in ("pre-migration", "reservation", "pre-copy", "stop-and-copy", "commitment",
+                  "activation"):
+        assert stage in stages, stages
+    result = job["result"]
+    assert job["rounds"] and result["rounds"] >= 1 and result["stop_reason"]
+    assert result["downtime_ms"] is not None and result["bytes_sent"] > 0
+    after = deployment.wait_for(
+        lambda: (g := deployment.guest("debian_etch"))["host"] == "hostc" and g,
+        "the guest on hostc")
+    assert after["uuid"] == before["uuid"]
+    assert deployment.wait_for(lambda: not alive(source_pid), "the source QEMU to exit")
+    with deployment.qmp("hostc", after["uuid"]) as qmp:
+        assert qmp.command("query-status")["status"] == "running"
+        assert read_u64(qmp, MARKER_ADDR) == deployment.marker
+    hostb = [g["name"] for g in deployment.get("/api/v1/guests/")["results"]
+             if g["host"] == "hostb"]
+    assert hostb == ["ubuntu_fuwa_nfs_domu"]
