@@ -7,6 +7,12 @@ from portal.accounts import create_user
 PASSWORD = "correct horse battery staple"
 
 
+def pytest_addoption(parser):
+    parser.addoption("--soak-seconds", type=float, default=None,
+                     help="run the soak test this long (also BERTH_SOAK_SECONDS); "
+                          "without either it is skipped")
+
+
 @pytest.fixture
 def admin_user(db):
     return create_user("alice", "admin", PASSWORD)[0]
