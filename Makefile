@@ -45,13 +45,14 @@ browser-test: $(STAMP)
 test: lint schema deploy-check pytest browser-test
 
 # The pytest suite again on PostgreSQL + a Redis channel layer (several portal processes),
-# both started on loopback by scripts/services.sh and stopped whatever the outcome.
-# Needs Debian's postgresql and redis-server packages.
+# both started on loopback by scripts/services.sh and stopped whatever the outcome, with
+# the soak test for SOAK_SECONDS. Needs Debian's postgresql and redis-server packages.
+SOAK_SECONDS ?= 60
 test-scaleout: $(STAMP)
 	@services=$$(scripts/services.sh start) || exit 1; eval "$$services"; \
 	trap 'scripts/services.sh stop' EXIT; trap 'exit 130' INT TERM; \
 	echo "scale-out pass: PostgreSQL + Redis in $$BERTH_SERVICES_DIR"; \
-	$(PY) -m pytest -m "not browser"
+	$(PY) -m pytest -m "not browser" --soak-seconds=$(SOAK_SECONDS)
 
 bench: $(STAMP)
 	@ls bench/*.py >/dev/null 2>&1 || { echo "no benchmarks yet"; exit 0; }
