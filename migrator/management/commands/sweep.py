@@ -1,0 +1,17 @@
+"""manage.py sweep: fail the jobs whose agent went away, on a clock.
+
+Each portal process already does this lazily (on job pages, the jobs API and agent
+heartbeats); with several portal processes and quiet hours a timer makes it prompt.
+"""
+from django.core.management.base import BaseCommand
+
+from migrator.inventory import expire_stale_jobs
+
+
+class Command(BaseCommand):
+    help = ("Fail queued or running jobs whose agent has been gone longer than "
+            "BERTH_JOB_AGENT_TIMEOUT_SECONDS (run it from a timer).")
+
+    def handle(self, *args, **options):
+        expired = expire_stale_jobs()
+        self.stdout.write(f"{expired} stale job(s) failed")

@@ -1,0 +1,38 @@
+"""manage.py sweep: the timer's way to fail jobs whose agent went away."""
+from datetime import timedelta
+
+import pytest
+from django.core.management import call_command
+from django.utils import timezone
+
+from migrator.models import Host, Job, JobKind, JobState
+
+
+@pytest.fixture
+def jobs(enrolled, admin_user):
+    """A queued save on hostb, silent for 2 minutes, and one on hostc, which is online."""
+    long_ago = timezone.now() - timedelta(minutes=2)
+    Host.objects.filter(name="hostb").update(online=False, last_seen=long_ago)
+    Host.objects.filter(name="hostc").update(online=True, last_seen=timezone.now())
+    made = {}
+    for name in ("hostb", "hostc"):
+        made[name] = Job.objects.create(
+            kind=JobKind.SAVE, requester=admin_user, source_host=Host.objects.get(name=name),
+            guest_uuid="7a1c0e8e-3b5c-4e0e-9a57-1f2d3c4b5a69", guest_name="debian_etch")
+    return made
+
+
+def test_sweep_fails_only_the_jobs_of_an_agent_gone_past_the_timeout(jobs, settings, capsys):
+    settings.JOB_AGENT_TIMEOUT_SECONDS = 60
+    call_command("sweep")
+    assert "1 stale job(s) failed" in capsys.readouterr().out
+    gone, alive = (Job.objects.get(id=jobs[name].id) for name in ("hostb", "hostc"))
+    assert gone.state == JobState.FAILED and "went away" in gone.error
+    assert alive.state == JobState.QUEUED
+
+
+def test_sweep_leaves_a_job_whose_agent_is_within_the_timeout(jobs, settings, capsys):
+    settings.JOB_AGENT_TIMEOUT_SECONDS = 600
+    call_command("sweep")
+    assert "0 stale job(s) failed" in capsys.readouterr().out
+    assert Job.objects.get(id=jobs["hostb"].id).state == JobState.QUEUED
