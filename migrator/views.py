@@ -78,7 +78,7 @@ def guest_migrate(request, uuid):
         "can_migrate": access.can_operate(request, "migrate")})
 
 
-@login_required
+@vault_access.image_login_required("restore")
 @require_POST
 def image_restore(request, pk):
     image = get_object_or_404(SavedImage, pk=pk)

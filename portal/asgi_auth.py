@@ -10,7 +10,9 @@ import io
 from django.contrib.auth.middleware import AuthenticationMiddleware
 from django.contrib.sessions.middleware import SessionMiddleware
 from django.core.handlers.asgi import ASGIRequest
+from django_otp.middleware import OTPMiddleware
 from rest_framework import exceptions
+from rest_framework.parsers import BaseParser
 from rest_framework.request import Request
 from rest_framework.settings import api_settings
 
@@ -27,21 +29,35 @@ class AuthResult:
         return self.request is not None
 
 
+class _BodyStreamedElsewhere(BaseParser):
+    """The raw endpoint streams the body itself; authentication must not parse it.
+
+    (The session CSRF check reads ``request.POST``, which would otherwise refuse an
+    octet-stream body with 415; the CSRF token comes from the X-CSRFToken header.)
+    """
+
+    media_type = "*/*"
+
+    def parse(self, stream, media_type=None, parser_context=None):
+        return {}
+
+
 def authenticate_scope(scope) -> AuthResult:
     """Return the authenticated DRF request, or the 401 to send back. Sync: call via a thread."""
     django_request = ASGIRequest(scope, io.BytesIO())
     SessionMiddleware(lambda r: None).process_request(django_request)
     AuthenticationMiddleware(lambda r: None).process_request(django_request)
-    return authenticate_request(django_request)
+    OTPMiddleware(lambda r: None)(django_request)  # is_verified(): admin actions need it
+    return authenticate_request(django_request, parsers=[_BodyStreamedElsewhere()])
 
 
-def authenticate_request(django_request) -> AuthResult:
+def authenticate_request(django_request, parsers=None) -> AuthResult:
     """Run the API authenticators on a request that went through Django's middleware.
 
     For async views outside DRF (the streaming download). Sync: call via a thread.
     """
     authenticators = [cls() for cls in api_settings.DEFAULT_AUTHENTICATION_CLASSES]
-    request = Request(django_request, authenticators=authenticators)
+    request = Request(django_request, parsers=parsers, authenticators=authenticators)
     try:
         user = request.user
     except exceptions.APIException as exc:

@@ -11,6 +11,8 @@ from django.contrib.auth.views import redirect_to_login
 from django.core.exceptions import PermissionDenied
 from rest_framework.permissions import BasePermission
 
+from portal.models import APIToken
+
 ADMIN = "admin"
 AUDITOR = "auditor"
 ROLE_GROUPS = {ADMIN: settings.ROLE_ADMINS, AUDITOR: settings.ROLE_AUDITORS}
@@ -113,6 +115,18 @@ class CanReadAudit(BasePermission):
 
     def has_permission(self, request, view):
         return can_read_audit(request.user) and token_allows(request, "audit:read")
+
+
+class UserCredential(BasePermission):
+    """A signed-in session or one of the user's API tokens, never a host's job credential
+    (which acts for its job's requester in one image transfer and nothing else)."""
+
+    message = "A job credential is good for its image transfer only."
+
+    def has_permission(self, request, view):
+        auth = getattr(request, "auth", None)
+        return bool(request.user and request.user.is_authenticated) and (
+            auth is None or isinstance(auth, APIToken))
 
 
 def token_allows(request, scope) -> bool:

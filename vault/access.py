@@ -6,6 +6,8 @@ Who may do what with an image:
 - members of ``auditors`` may view every image's metadata and history, nothing more;
 - anyone else needs a grant (django-guardian, to a user or a group);
 - a token request is further limited to the token's scopes and image list.
+- a restore job's download credential (held by a host's agent) downloads its one
+  image for the job's requester, and is good for nothing else.
 
 Every refusal is written to the audit trail before it is returned.
 """
@@ -15,6 +17,7 @@ from django.conf import settings
 from django.contrib.auth.views import redirect_to_login
 from django.core.exceptions import PermissionDenied
 from guardian.shortcuts import get_objects_for_user
+from rest_framework import exceptions
 from rest_framework.permissions import BasePermission
 
 from portal import audit, roles
@@ -47,8 +50,6 @@ def _token_allows(request, action, image) -> bool:
     token = getattr(request, "auth", None)
     if token is None or not hasattr(token, "scopes"):
         return True
-    if getattr(token, "acts_for_restore", False) and action == "restore":
-        action = "download"  # the credential's scope names the transfer it allows
     if not token.has_scope(SCOPES[action]):
         return False
     allowed = getattr(token, "image_ids", None)
@@ -56,14 +57,17 @@ def _token_allows(request, action, image) -> bool:
 
 
 def can(request, action, image) -> bool:
-    if action == "download" and getattr(getattr(request, "auth", None), "acts_for_restore", False):
-        # A restore job's agent downloads on behalf of someone who may restore.
-        action = "restore"
     user = request.user
     if not user.is_authenticated or not user.is_active:
         return False
     if not _token_allows(request, action, image):
         return False
+    if getattr(getattr(request, "auth", None), "acts_for_restore", False):
+        # A restore job's agent downloads on behalf of someone who may restore, and
+        # does nothing else with the credential (not even start another restore).
+        if action != "download":
+            return False
+        action = "restore"
     if action in SECOND_FACTOR_ACTIONS and roles.is_admin(user) and \
             not roles.acts_as_admin(request):
         return False
@@ -128,12 +132,31 @@ def image_login_required(action):
     return decorator
 
 
+def _refuse_unauthenticated(request, view):
+    action = getattr(view, "audit_action", {}).get(request.method, "view")
+    refuse_anonymous(request, action, view.kwargs.get("pk"))
+
+
 class AuditedImagePermission(BasePermission):
     """DRF permission for image routes: audits unauthenticated attempts (then 401)."""
 
     def has_permission(self, request, view):
         if request.user and request.user.is_authenticated:
             return True
-        action = getattr(view, "audit_action", {}).get(request.method, "view")
-        refuse_anonymous(request, action, view.kwargs.get("pk"))
+        _refuse_unauthenticated(request, view)
         return False
+
+
+class AuditedImageView:
+    """Mixin for image API views (before APIView): every refusal is audited, including
+    a bad, expired or revoked token, which fails before any permission is asked."""
+
+    permission_classes = [AuditedImagePermission]
+    audit_action = {}  # HTTP method → the image action named in the audit trail
+
+    def perform_authentication(self, request):
+        try:
+            super().perform_authentication(request)
+        except exceptions.AuthenticationFailed:
+            _refuse_unauthenticated(request, self)
+            raise

@@ -62,9 +62,8 @@ def authorised_image(request, pk, action):
     return image
 
 
-class ImageList(generics.ListAPIView):
+class ImageList(access.AuditedImageView, generics.ListAPIView):
     serializer_class = SavedImageSerializer
-    permission_classes = [access.AuditedImagePermission]
     audit_action = {"GET": "list", "POST": "upload"}
 
     def get_queryset(self):
@@ -88,8 +87,7 @@ class ImageList(generics.ListAPIView):
                         status=status.HTTP_501_NOT_IMPLEMENTED)
 
 
-class ImageDetail(APIView):
-    permission_classes = [access.AuditedImagePermission]
+class ImageDetail(access.AuditedImageView, APIView):
     audit_action = {"GET": "view", "DELETE": "delete"}
 
     @extend_schema(responses=SavedImageSerializer)
@@ -102,8 +100,7 @@ class ImageDetail(APIView):
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
-class ImageVerify(APIView):
-    permission_classes = [access.AuditedImagePermission]
+class ImageVerify(access.AuditedImageView, APIView):
     audit_action = {"POST": "verify"}
 
     @extend_schema(request=None, responses={200: VerifyResultSerializer,
@@ -115,8 +112,7 @@ class ImageVerify(APIView):
                         status=status.HTTP_200_OK if ok else status.HTTP_422_UNPROCESSABLE_ENTITY)
 
 
-class ImageGrants(APIView):
-    permission_classes = [access.AuditedImagePermission]
+class ImageGrants(access.AuditedImageView, APIView):
     audit_action = {"GET": "view", "POST": "grant", "DELETE": "revoke"}
 
     @extend_schema(responses=GrantSerializer(many=True))

@@ -11,6 +11,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from portal import tokens
+from portal.roles import UserCredential
 from portal.scopes import SCOPES
 from portal.throttling import TokenIssueThrottle
 
@@ -73,6 +74,8 @@ class TokenError(APIException):
 
 
 class TokenList(APIView):
+    permission_classes = [UserCredential]
+
     def get_throttles(self):
         throttles = super().get_throttles()
         if self.request.method == "POST":
@@ -110,6 +113,8 @@ class TokenList(APIView):
 
 
 class TokenDetail(APIView):
+    permission_classes = [UserCredential]
+
     @extend_schema(summary="Revoke a token (your own; admins: anyone's, audited)",
                    responses={204: None, 403: ERROR, 404: ERROR})
     def delete(self, request, prefix):
