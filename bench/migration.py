@@ -21,7 +21,8 @@ agents would.  Measured in one run:
     python bench/migration.py [--gib 1] [--skip-full]
 
 Writes bench/results/migration-<timestamp>.json and prints it.
-The QEMU comparison is a later issue: see `qemu_reference()`.
+Where qemu-system-x86_64 is installed, the same run also migrates QEMU guests of the
+same size with QEMU's own TLS pre-copy (`qemu_reference()`), the comparison peer.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import socket
 import ssl
 import subprocess
@@ -45,6 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from migrator.hypervisor import GuestSpec, SimDriver  # noqa: E402
+from migrator.hypervisor.qemu import QemuDriver, TlsFiles  # noqa: E402
+from migrator.hypervisor.workload import build_memory  # noqa: E402
 from migrator.pki import CertificateAuthority  # noqa: E402
 from migrator.relocation import (  # noqa: E402
     HostFacts,
@@ -53,6 +57,7 @@ from migrator.relocation import (  # noqa: E402
     RelocationServer,
     TicketBook,
 )
+from migrator.relocation.qemu_tls import QemuMigration  # noqa: E402
 from migrator.tls import AllowList, client_context, server_context  # noqa: E402
 
 MiB = 1024 * 1024
@@ -245,11 +250,70 @@ def raw_tls(dest: Destination, client: ssl.SSLContext, total: int) -> dict:
             "cpu_s": cpu, "cipher": cipher[0], "version": cipher[1]}
 
 
-def qemu_reference() -> dict | None:
-    """Hook for the QEMU comparison (later issue): migrate a real 1 GiB QEMU
-    guest over ``migrate -d tcp:`` on loopback and return the same figures
-    (total_time_s, downtime_ms, bytes_ratio, rounds).  None until then."""
-    return None
+def qemu_reference(pki: Path, gib: float) -> dict:
+    """QEMU's own TLS migration of a guest of the same size, in the same run:
+    two real qemu-system-x86_64 processes (TCG) driven by Berth's QEMU driver
+    and `QemuMigration` (the relocation channel frames it, QEMU's stream moves
+    the memory over TLS 1.3 with the same certificates).  Two guests: the
+    halt-loop guest as it boots (memory never touched: zero pages) and one
+    preloaded with the sim guest's default content (60 % zero, text, random),
+    which is the like-for-like comparison with the sim ``idle`` run."""
+    if shutil.which("qemu-system-x86_64") is None:
+        return {"skipped": "qemu-system-x86_64 is not installed"}
+    runs = [qemu_migrate(pki, gib, "default (60 % zero pages)"),
+            qemu_migrate(pki, gib, "as booted (untouched: zero pages)")]
+    return {"how": "QemuMigration between two QemuDrivers in this process's host, "
+                   "loopback, max-bandwidth unlimited, downtime-limit 300 ms",
+            "qemu_version": subprocess.run(["qemu-system-x86_64", "--version"],
+                                           capture_output=True, text=True
+                                           ).stdout.splitlines()[0],
+            "runs": runs}
+
+
+def qemu_migrate(pki: Path, gib: float, content: str) -> dict:
+    mib = int(gib * 1024)
+    files = {n: TlsFiles(str(pki / f"{n}.crt"), str(pki / f"{n}.key"), str(pki / "ca.crt"))
+             for n in ("hostb", "hostc")}
+    with tempfile.TemporaryDirectory() as tmp:
+        source = QemuDriver("hostb", mib + 64, Path(tmp) / "b", tls=files["hostb"])
+        dest = QemuDriver("hostc", mib + 64, Path(tmp) / "c", tls=files["hostc"])
+        tickets = TicketBook()
+        server_ctx, client = contexts(pki, "hostc")[0], contexts(pki, "hostb")[1]
+        server = RelocationServer(dest, HostFacts(SUBNET, [STORAGE], 100.0), server_ctx,
+                                  AllowList(["hostb"]), tickets, port=0, host_name="hostc")
+        server.start()
+        try:
+            config: dict = {"ip": IP, "storage": [STORAGE]}
+            if content.startswith("default"):
+                image = Path(tmp) / "memory.img"  # the benchmark's input, not guest state
+                low = 1 * MiB  # below 1 MiB: BIOS, VGA and ROM areas
+                build_memory((mib * MiB - low) // 4096, 1).tofile(image)
+                config["loader"] = [{"addr": low, "file": str(image)}]
+            guest = source.create(GuestSpec("qemu-guest", mib, 1, config))
+            time.sleep(1.0)
+            tickets.expect("qemu-bench-ticket-0001", guest.uuid, "hostb")
+            stages: dict[str, float] = {}
+            engine = QemuMigration(
+                source, guest.uuid, "127.0.0.1", server.port, "hostc",
+                "qemu-bench-ticket-0001", client, MigrationSettings(),
+                lambda e: e["kind"] == "stage" and stages.setdefault(e["stage"], e["elapsed"]),
+                source_host="hostb")
+            result = engine.run()
+            qemu = engine.qemu_status
+            running = result["state"] == "succeeded" and dest.get(guest.uuid).active
+        finally:
+            server.stop()
+            source.shutdown_all()
+            dest.shutdown_all()
+    return {"memory_content": content, "state": result["state"], "reason": result["reason"],
+            "total_time_s": result["total_time_s"], "stage_start_s": stages,
+            "downtime_ms": result["downtime_ms"], "bytes_sent": result["bytes_sent"],
+            "bytes_ratio": result["bytes_ratio"], "rounds": result["rounds"],
+            "stop_reason": result["stop_reason"], "channel_mbps": result["channel_mbps"],
+            "qemu_total_time_ms": qemu.get("total-time"), "qemu_downtime_ms": qemu.get(
+                "downtime"), "qemu_setup_time_ms": qemu.get("setup-time"),
+            "qemu_mbps": (qemu.get("ram") or {}).get("mbps"),
+            "destination_running": running, "round_log": result["round_log"]}
 
 
 # --------------------------------------------------------------------------
@@ -287,7 +351,8 @@ def main() -> None:
             raw_final = raw_tls(dest, client, int(args.gib * 1024) * MiB)
         finally:
             dest.close()
-    report = summarise(args.gib, raw_final, runs, dest.first_touch)
+        qemu = qemu_reference(pki, args.gib)
+    report = summarise(args.gib, raw_final, runs, dest.first_touch, qemu)
     report["warmup_64mib_web"] = {k: warmup[k] for k in ("state", "downtime_ms", "rounds")}
     out = ROOT / "bench" / "results" / f"migration-{datetime.now(UTC):%Y%m%dT%H%M%S}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -296,8 +361,11 @@ def main() -> None:
     print(f"written to {out.relative_to(ROOT)}", file=sys.stderr)
 
 
-def summarise(gib: float, raw: dict, runs: list[dict], first_touch: float) -> dict:
+def summarise(gib: float, raw: dict, runs: list[dict], first_touch: float,
+              qemu: dict) -> dict:
     web = next(r for r in runs if r["workload"] == "web" and r["verify"] == "incremental")
+    idle = next(r for r in runs if r["workload"] == "idle")
+    peer = (qemu.get("runs") or [{}])[0]
     random_run = runs[-1]
     raws = sorted([r["raw_tls_mbps_just_before"] for r in runs] + [raw["mbps"]])
     ratio = random_run["round1_wire_mbps"] / random_run["raw_tls_mbps_just_before"]
@@ -318,10 +386,14 @@ def summarise(gib: float, raw: dict, runs: list[dict], first_touch: float) -> di
             "cpu_bound_ceiling": round(
                 sum(random_run["raw_tls_cpu_s_just_before"].values())
                 / sum(random_run["round1_cpu_s"].values()), 3),
+            "idle_total_le_qemu_tls": (peer.get("total_time_s") is not None
+                                       and idle["total_time_s"] <= peer["total_time_s"]),
+            "idle_total_s_vs_qemu_tls_s": [idle["total_time_s"], peer.get("total_time_s")],
             "how": "channel = round-1 wire MB/s of the incompressible guest (every byte "
-                   "on the wire), raw = the TLS socket pair measured just before it",
+                   "on the wire), raw = the TLS socket pair measured just before it; "
+                   "QEMU peer = the QEMU guest with the sim's default memory content",
         },
-        "qemu": qemu_reference(),
+        "qemu": qemu,
     }
 
 

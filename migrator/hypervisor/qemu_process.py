@@ -89,12 +89,21 @@ def check_config(config: dict[str, Any]) -> None:
     if not isinstance(loaders, list) or len(loaders) > MAX_LOADERS:
         raise InvalidRequest(f"config.loader must be a list of at most {MAX_LOADERS} entries")
     for entry in loaders:
-        if (not isinstance(entry, dict) or set(entry) - {"addr", "data", "data_len"}
-                or not all(isinstance(entry.get(k), int) and entry.get(k) >= 0
-                           for k in ("addr", "data"))
-                or entry.get("data_len", 8) not in (1, 2, 4, 8)
-                or entry["data"] >= 1 << (8 * entry.get("data_len", 8))):
-            raise InvalidRequest("config.loader entries are {addr, data, data_len in 1/2/4/8}")
+        if not _loader_ok(entry):
+            raise InvalidRequest("config.loader entries are {addr, data, data_len in 1/2/4/8} "
+                                 "or {addr, file} (a raw image loaded at addr)")
+
+
+def _loader_ok(entry: Any) -> bool:
+    if not isinstance(entry, dict) or not isinstance(entry.get("addr"), int) \
+            or entry["addr"] < 0:
+        return False
+    if "file" in entry:
+        return set(entry) == {"addr", "file"} and isinstance(entry["file"], str) \
+            and os.path.isabs(entry["file"]) and os.path.isfile(entry["file"])
+    data, size = entry.get("data"), entry.get("data_len", 8)
+    return (not set(entry) - {"addr", "data", "data_len"} and isinstance(data, int)
+            and size in (1, 2, 4, 8) and 0 <= data < 1 << (8 * size))
 
 
 def _opt(value: str) -> str:
@@ -131,8 +140,12 @@ def command_line(directory: Path, *, name: str, uuid: str, memory_mib: int, vcpu
         # Initial memory content applies to a fresh boot only: a restored or
         # migrated guest's memory comes from its stream, nowhere else.
         for entry in config.get("loader", []):
-            argv += ["-device", f"loader,addr={entry['addr']:#x},data={entry['data']:#x},"
-                     f"data-len={entry.get('data_len', 8)}"]
+            if "file" in entry:
+                argv += ["-device", f"loader,addr={entry['addr']:#x},"
+                         f"file={_opt(entry['file'])},force-raw=on"]
+            else:
+                argv += ["-device", f"loader,addr={entry['addr']:#x},data={entry['data']:#x},"
+                         f"data-len={entry.get('data_len', 8)}"]
     if incoming:
         argv += ["-incoming", "defer"]
     if incoming or paused:

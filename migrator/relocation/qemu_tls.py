@@ -51,7 +51,7 @@ log = logging.getLogger("berth.relocation")
 TRANSPORT = "qemu-tls"
 UNLIMITED_BANDWIDTH = 1 << 40      # bytes/s: QEMU 7.2 caps at 128 MiB/s unless told
 FORCE_DOWNTIME_MS = 2_000_000      # QEMU's largest downtime-limit: "stop and copy now"
-POLL = 0.1
+POLL = 0.02  # query-migrate is cheap; completion is noticed within 20 ms
 KEEPALIVE = 5.0
 
 
@@ -83,6 +83,7 @@ class QemuMigration(PrecopyMigration):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.qemu_bytes = 0
+        self.qemu_status: dict[str, Any] = {}  # the last query-migrate answer
         self._qemu_port: int | None = None
         self._watch: Any = None
         self._started = self._completed = False
@@ -170,6 +171,7 @@ class QemuMigration(PrecopyMigration):
     def _observe(self, status: dict[str, Any]) -> None:
         """Round events from QEMU's counters: iteration n ends when the
         dirty bitmap is synchronised for the (n+1)-th time."""
+        self.qemu_status = status
         ram = status.get("ram") or {}
         self.qemu_bytes = int(ram.get("transferred", self.qemu_bytes))
         self._last_remaining = int(ram.get("remaining", self._last_remaining))
