@@ -145,7 +145,8 @@ if REDIS_URL:
         }
     }
 else:
-    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    # One process: in memory (see portal/channel_layer.py for why not Channels' own as is).
+    CHANNEL_LAYERS = {"default": {"BACKEND": "portal.channel_layer.BatchExpiringChannelLayer"}}
 # API rate-limit counters live in the cache: shared by every portal process via Redis.
 if REDIS_URL:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache",
