@@ -166,6 +166,15 @@ class JobsConsumer(AsyncJsonWebsocketConsumer):
         # Read-only: nothing is started or changed over this socket.
         await self.send_json({"type": "error", "detail": "This socket is read-only."})
 
+    async def dispatch(self, message):
+        # Channels hops to the one thread all database work shares (to close stale
+        # connections) before every handler. A job event touches no database, and one
+        # event to N watchers would be N hops queued behind the portal's DB work.
+        if message["type"] == "job.event":
+            await self.job_event(message)
+        else:
+            await super().dispatch(message)
+
     async def job_event(self, message):
         if self.job_id is None and not self.sees_all and \
                 message.get("requester_id") != self.scope["user"].id:

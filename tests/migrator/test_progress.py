@@ -64,3 +64,29 @@ def test_a_stale_full_save_does_not_move_the_seq_back(admin_user):
     stale.save()
     fresh = Job.objects.get(id=job.id)
     assert fresh.event_seq == 2 and fresh.stage == "saving"
+
+
+async def test_delivering_an_event_does_not_queue_on_the_database_thread(enrolled, admin_user,
+                                                                         monkeypatch):
+    import channels.consumer
+
+    hops = []
+    original = channels.consumer.aclose_old_connections
+    monkeypatch.setattr(channels.consumer, "aclose_old_connections",
+                        lambda: hops.append(1) or original())
+    agent = await connect_agent(enrolled["hostb"], "hostb")
+    watchers = [await jobs_socket(admin_user) for _ in range(3)]
+    for watcher in watchers:
+        assert (await watcher.connect())[0]
+        await watcher.receive_json_from()
+    job = await sync_to_async(orchestrate.request_save)(as_request(admin_user), GUEST["uuid"])
+    await agent.receive_json_from(timeout=5)
+    for watcher in watchers:
+        assert (await watcher.receive_json_from(timeout=5))["seq"] == 1
+    hops.clear()
+    await agent.send_json_to(progress_event(job, 10))
+    for watcher in watchers:
+        assert (await watcher.receive_json_from(timeout=5))["seq"] == 2
+    assert len(hops) == 1  # the agent's message; none for the three deliveries
+    for socket in (agent, *watchers):
+        await socket.disconnect()
