@@ -310,11 +310,39 @@ def watchers_phase(portal, api, agents, cookie, count, live_settings):
         agents.resume("load2")
         raise
     load_before = load_average()
-    connect_s, results = asyncio.run(watch_all(portal, job["id"], cookie, count,
-                                               lambda: agents.resume("load2"), timeout=180))
+    def cpu_now():
+        return {"portal": cpu_seconds(portal.process.pid), "watchers": cpu_seconds()}
+
+    cpu = {"start": cpu_now()}
+
+    def release():
+        cpu["subscribed"] = cpu_now()
+        agents.resume("load2")
+
+    connect_s, results = asyncio.run(watch_all(portal, job["id"], cookie, count, release,
+                                               timeout=180))
+    cpu["end"] = cpu_now()
     final = api.wait_until(lambda: (j := api.get(f"/api/v1/jobs/{job['id']}"))["state"]
                            in FINAL and j, "the migration to end")
-    return judge_watchers(final, results, connect_s, load_before)
+    report = judge_watchers(final, results, connect_s, load_before)
+    # CPU, unlike latency, does not depend on what else the machine runs.
+    deliveries = max(report["deliveries"], 1)
+    connecting = {k: cpu["subscribed"][k] - cpu["start"][k] for k in cpu["start"]}
+    delivering = {k: cpu["end"][k] - cpu["subscribed"][k] for k in cpu["start"]}
+    report["cpu_s_connecting"] = {k: round(v, 2) for k, v in connecting.items()}
+    report["cpu_s_during_migration"] = {k: round(v, 2) for k, v in delivering.items()}
+    report["cpu_us_per_delivery"] = {k: round(v / deliveries * 1e6)
+                                     for k, v in delivering.items()}
+    return report
+
+
+def cpu_seconds(pid=None):
+    """User + system CPU seconds of a process (this one by default)."""
+    if pid is None:
+        times = os.times()
+        return times.user + times.system
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def judge_watchers(job, results, connect_s, load_before):
