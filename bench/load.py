@@ -257,11 +257,12 @@ def session_cookie(url, username, password):
 
 # --------------------------------------------------------------------------
 # 1. watchers of a live migration
-async def watcher(url, origin, cookie, subscribed, timeout):
+async def watcher(url, origin, cookie, subscribed, timeout, deflate):
     from websockets.asyncio.client import connect
 
     async with connect(url, origin=origin, additional_headers={"Cookie": f"sessionid={cookie}"},
-                       open_timeout=120, max_size=2**24) as socket:
+                       open_timeout=120, max_size=2**24,
+                       compression="deflate" if deflate else None) as socket:
         snapshot = json.loads(await socket.recv())
         start = snapshot["jobs"][0]["event_seq"]
         subscribed()
@@ -277,7 +278,7 @@ async def watcher(url, origin, cookie, subscribed, timeout):
                     return start, received
 
 
-async def watch_all(portal, job_id, cookie, count, release, timeout):
+async def watch_all(portal, job_id, cookie, count, release, timeout, deflate):
     ws_url = portal.url.replace("http://", "ws://") + f"/ws/jobs/{job_id}/"
     connected = 0
     all_in = asyncio.Event()
@@ -289,8 +290,8 @@ async def watch_all(portal, job_id, cookie, count, release, timeout):
             all_in.set()
 
     t = time.monotonic()
-    tasks = [asyncio.create_task(watcher(ws_url, portal.url, cookie, subscribed, timeout))
-             for _ in range(count)]
+    tasks = [asyncio.create_task(watcher(ws_url, portal.url, cookie, subscribed, timeout,
+                                         deflate)) for _ in range(count)]
     try:
         await asyncio.wait_for(all_in.wait(), 120)
     finally:
@@ -300,7 +301,7 @@ async def watch_all(portal, job_id, cookie, count, release, timeout):
     return connect_s, results
 
 
-def watchers_phase(portal, api, agents, cookie, count, live_settings):
+def watchers_phase(portal, api, agents, cookie, count, live_settings, deflate=True):
     mover = api.guests()["mover"]
     agents.pause("load2")  # the destination: nothing happens until every watcher is in
     try:
@@ -320,11 +321,12 @@ def watchers_phase(portal, api, agents, cookie, count, live_settings):
         agents.resume("load2")
 
     connect_s, results = asyncio.run(watch_all(portal, job["id"], cookie, count, release,
-                                               timeout=180))
+                                               timeout=180, deflate=deflate))
     cpu["end"] = cpu_now()
     final = api.wait_until(lambda: (j := api.get(f"/api/v1/jobs/{job['id']}"))["state"]
                            in FINAL and j, "the migration to end")
     report = judge_watchers(final, results, connect_s, load_before)
+    report["permessage_deflate"] = deflate
     # CPU, unlike latency, does not depend on what else the machine runs.
     deliveries = max(report["deliveries"], 1)
     connecting = {k: cpu["subscribed"][k] - cpu["start"][k] for k in cpu["start"]}
@@ -524,7 +526,8 @@ def run(args, work: Path, database: str) -> dict:
                        == len(HOSTS), "four hosts online", 60)
         cookie = session_cookie(portal.url, "auditor", passwords["auditor"])
         live = {"downtime_ms": args.downtime_ms}
-        report["watchers"] = watchers_phase(portal, api, agents, cookie, args.watchers, live)
+        report["watchers"] = watchers_phase(portal, api, agents, cookie, args.watchers, live,
+                                            deflate=not args.no_deflate)
         print("watchers:", json.dumps(report["watchers"]["latency_ms"]), file=sys.stderr)
         report["saves_and_restores"] = saves_and_restores(api, args.jobs)
         print("saves and restores:", report["saves_and_restores"]["wall_s"], "s",
@@ -552,6 +555,8 @@ def main():
     parser.add_argument("--mover-mib", type=int, default=512, help="the migrated guest")
     parser.add_argument("--downtime-ms", type=int, default=50,
                         help="the migration's downtime target (more rounds, more events)")
+    parser.add_argument("--no-deflate", action="store_true",
+                        help="watchers do not offer permessage-deflate (browsers do)")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "load.json")
     args = parser.parse_args()
     started = time.monotonic()
