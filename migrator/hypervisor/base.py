@@ -250,6 +250,18 @@ class HypervisorDriver(abc.ABC):
     def read_pages(self, uuid: str, indices: Sequence[int] | np.ndarray) -> bytes:
         """The bytes of the given pages, concatenated in the given order."""
 
+    def read_pages_into(self, uuid: str, indices: Sequence[int] | np.ndarray,
+                        out: bytearray | memoryview) -> memoryview:
+        """`read_pages` into ``out`` (at least ``len(indices) * PAGE_SIZE``
+        bytes, reused by the caller): returns the filled part.  Live migration
+        reads every page this way - a driver that copies straight into the
+        buffer saves an allocation and a copy per batch.  This default copies
+        `read_pages`' result."""
+        data = self.read_pages(uuid, indices)
+        view = memoryview(out).cast("B")[:len(data)]
+        view[:] = data
+        return view
+
     @abc.abstractmethod
     def write_pages(
         self, uuid: str, indices: Sequence[int] | np.ndarray, data: bytes

@@ -153,6 +153,14 @@ def _indices(indices: Sequence[int] | np.ndarray, npages: int) -> np.ndarray:
     return idx
 
 
+def _run_or(idx: np.ndarray) -> slice | np.ndarray:
+    """A slice when the indices are one increasing run (round 1 of a
+    migration, a save): slicing copies pages ~1.5x faster than a gather."""
+    if len(idx) and idx[-1] - idx[0] == len(idx) - 1 and np.all(np.diff(idx) == 1):
+        return slice(int(idx[0]), int(idx[-1]) + 1)
+    return idx
+
+
 class SimDriver(HypervisorDriver):
     """A simulated host with ``capacity_mib`` of guest memory."""
 
@@ -459,7 +467,17 @@ class SimDriver(HypervisorDriver):
         g = self._guest(uuid)
         idx = _indices(indices, g.npages)
         with g.lock:
-            return g.pages[idx].tobytes()
+            return g.pages[_run_or(idx)].tobytes()
+
+    def read_pages_into(self, uuid: str, indices: Sequence[int] | np.ndarray,
+                        out: bytearray | memoryview) -> memoryview:
+        g = self._guest(uuid)
+        idx = _indices(indices, g.npages)
+        size = len(idx) * PAGE_SIZE
+        dest = np.frombuffer(out, dtype=np.uint8, count=size).reshape(-1, PAGE_SIZE)
+        with g.lock:
+            np.copyto(dest, g.pages[_run_or(idx)])  # one copy, into the caller's buffer
+        return memoryview(out).cast("B")[:size]
 
     def write_pages(self, uuid: str, indices: Sequence[int] | np.ndarray,
                     data: bytes) -> None:
@@ -469,7 +487,7 @@ class SimDriver(HypervisorDriver):
             raise InvalidRequest(f"{len(data)} bytes for {len(idx)} pages")
         with g.lock:
             self._require_writable(g)
-            g.pages[idx] = np.frombuffer(data, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+            g.pages[_run_or(idx)] = np.frombuffer(data, dtype=np.uint8).reshape(-1, PAGE_SIZE)
             g.record_write(idx)
 
     def get_vcpu_state(self, uuid: str) -> bytes:

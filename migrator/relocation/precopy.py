@@ -144,6 +144,7 @@ class PrecopyMigration:
         self._activate_sent = False
         self._chan: Channel | None = None
         self._sender: FrameSender | None = None
+        self._buffers: list[tuple[bytearray, bytearray]] = []  # see _send_pages
         self._stage = "pre-migration"
         self._began = self._dirty_log = self._paused = False
         self._was_active = False
@@ -325,13 +326,21 @@ class PrecopyMigration:
                     "throttle": round(self._throttle, 3)})
 
     def _send_pages(self, indices: np.ndarray) -> None:
-        """Read, encode and queue every page; returns once all are sent."""
+        """Read, encode and queue every page; returns once all are sent.
+        Pages are read into buffers used in rotation, never allocated per
+        batch: fresh memory costs a page fault per 4 KiB touched (≈11 µs in
+        a nested VM), more than copying it."""
         step, t = self.settings.batch_pages, time.monotonic()
-        for start in range(0, len(indices), step):
+        if not self._buffers:
+            self._buffers = [(bytearray(step * PAGE_SIZE), bytearray(step * PAGE_SIZE))
+                             for _ in range(self._sender.buffers_needed)]
+        for n, start in enumerate(range(0, len(indices), step)):
             if self._abort.is_set():
                 raise _Aborted()
             batch = indices[start:start + step]
-            encoded = encode_pages(batch, self.driver.read_pages(self.uuid, batch), self._fps)
+            read, gather = self._buffers[n % len(self._buffers)]
+            encoded = encode_pages(batch, self.driver.read_pages_into(self.uuid, batch, read),
+                                   self._fps, gather)
             self._sender.put((encoded.head, encoded.data), self._abort)
             self._pages += encoded.pages
             self._data_pages += encoded.data_pages

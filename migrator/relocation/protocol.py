@@ -289,14 +289,16 @@ class EncodedBatch:
 
 
 def encode_pages(indices: np.ndarray, data: bytes | memoryview,
-                 fingerprints: Fingerprints | None = None) -> EncodedBatch:
+                 fingerprints: Fingerprints | None = None,
+                 scratch: bytearray | None = None) -> EncodedBatch:
     """A PAGES frame for ``data`` (the pages at ``indices``, concatenated).
 
     Payload: u32 count, count x u32 page index (strictly increasing), the
     presence bitmap (bit j, LSB first, set = page j's bytes follow), then the
     non-zero pages in index order.  The frame comes in two parts, sent back
     to back, so the page bytes are never copied behind a header: when no page
-    is zero they are ``data`` itself, else one boolean-mask gather.
+    is zero they are ``data`` itself, else one boolean-mask gather (into
+    ``scratch``, a reusable buffer as large as ``data``, if given).
     """
     count = len(indices)
     if not 1 <= count <= MAX_BATCH_PAGES:
@@ -305,7 +307,14 @@ def encode_pages(indices: np.ndarray, data: bytes | memoryview,
     # max() over u64 words is the cheapest whole-page "any byte set" test.
     present = pages.view("<u8").max(axis=1) != 0
     npresent = int(np.count_nonzero(present))
-    carried = pages if npresent == count else pages[present]
+    if npresent == count:
+        carried = pages
+    elif scratch is not None:
+        carried = np.frombuffer(scratch, dtype=np.uint8, count=npresent * PAGE_SIZE).reshape(
+            npresent, PAGE_SIZE)
+        np.compress(present, pages, axis=0, out=carried)
+    else:
+        carried = pages[present]
     if fingerprints is not None:
         fingerprints.update(indices, present, carried)
     head = b"".join((
@@ -358,9 +367,14 @@ class FrameSender:
     """Sends queued frames from its own thread, so that reading and encoding
     the next batch overlaps the TLS encryption of this one (the ssl module
     releases the GIL while it encrypts).  The first send error is kept and
-    raised to the producer at its next put/drain."""
+    raised to the producer at its next put/drain.
+
+    Once ``put`` returns, at most ``depth + 1`` frames are still unsent (the
+    queue's and the one being sent): a producer that reuses buffers needs
+    ``buffers_needed`` of them in rotation."""
 
     def __init__(self, chan: Channel, depth: int = 2):
+        self.buffers_needed = depth + 2
         self._chan = chan
         self._queue: queue.Queue[tuple[Any, ...]] = queue.Queue(maxsize=depth)
         self._closed = threading.Event()
