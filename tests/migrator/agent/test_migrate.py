@@ -1,0 +1,35 @@
+"""The migrate job's command: parameters become the engine's settings."""
+import uuid
+
+import pytest
+
+from migrator.agent.jobs import BadCommand
+from migrator.agent.migrate import MigrateJob
+from migrator.hypervisor import SimDriver
+
+from .conftest import agent_config
+
+
+def command(**parameters):
+    return {"guest": str(uuid.uuid4()), "ticket": "t" * 32,
+            "destination": {"host": "hostc", "address": "127.0.0.1", "port": 8002},
+            "parameters": parameters}
+
+
+def job(tmp_path, **parameters):
+    config = agent_config(tmp_path, "http://127.0.0.1:1")
+    return MigrateJob("j1", command(**parameters), driver=SimDriver("hostb", 64),
+                      host=config.host, emit=lambda event: None)
+
+
+def test_non_live_is_the_engines_non_live_mode_not_a_round_limit(tmp_path):
+    settings = job(tmp_path, live=False, max_rounds=30).settings
+    assert settings.live is False and settings.max_rounds == 30
+    assert job(tmp_path).settings.live is True
+
+
+def test_bad_parameters_are_a_clear_refusal(tmp_path):
+    with pytest.raises(BadCommand, match="migrate parameters"):
+        job(tmp_path, max_rounds=0)
+    with pytest.raises(BadCommand, match="migrate parameters"):
+        job(tmp_path, downtime_ms="soon")
