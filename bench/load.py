@@ -411,18 +411,19 @@ def saves_and_restores(api, count):
     saves = {api.post(f"/api/v1/guests/{guests[n]['uuid']}/save")["id"]: n for n in names}
     restores, done = {}, {}
     deadline = time.monotonic() + 240
-    while len(done) < 2 * count and time.monotonic() < deadline:
-        for job_id, job in api.all_jobs().items():
-            if job_id in done or job["state"] not in FINAL or (
-                    job_id not in saves and job_id not in restores):
+    while time.monotonic() < deadline:
+        jobs = api.all_jobs()
+        for job_id in [*saves, *restores]:
+            job = jobs.get(job_id)
+            if job_id in done or job is None or job["state"] not in FINAL:
                 continue
             done[job_id] = job
             if job_id in saves and job["state"] == "succeeded":
                 host = next_host[guests[saves[job_id]]["host"]]
                 restore = api.post(f"/api/v1/images/{job['image']}/restore", {"host": host})
                 restores[restore["id"]] = job_id
-            elif job_id in saves:
-                done[f"no restore for {job_id}"] = job  # counts towards the total
+        if all(job_id in done for job_id in [*saves, *restores]):
+            break
         time.sleep(0.25)
     wall = time.monotonic() - t
     return judge_saves(saves, restores, done, count, wall, load_before)
@@ -544,16 +545,31 @@ def run(args, work: Path, database: str) -> dict:
     return report
 
 
+def count(low, high):
+    """An argparse type: an integer in [low, high], refused in one line otherwise."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high}")
+        return value
+    return parse
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--watchers", type=int, default=200)
-    parser.add_argument("--jobs", type=int, default=20, help="saves (and restores)")
-    parser.add_argument("--images", type=int, default=10_000)
-    parser.add_argument("--audit", type=int, default=100_000)
-    parser.add_argument("--requests", type=int, default=100, help="per list endpoint")
-    parser.add_argument("--guest-mib", type=int, default=64, help="each saved guest")
-    parser.add_argument("--mover-mib", type=int, default=512, help="the migrated guest")
-    parser.add_argument("--downtime-ms", type=int, default=50,
+    parser.add_argument("--watchers", type=count(1, 2000), default=200)
+    parser.add_argument("--jobs", type=count(1, 120), default=20, help="saves (and restores)")
+    parser.add_argument("--images", type=count(0, 1_000_000), default=10_000)
+    parser.add_argument("--audit", type=count(0, 10_000_000), default=100_000)
+    parser.add_argument("--requests", type=count(1, 100_000), default=100,
+                        help="per list endpoint")
+    parser.add_argument("--guest-mib", type=count(16, 1024), default=64, help="each saved guest")
+    parser.add_argument("--mover-mib", type=count(64, 4096), default=512,
+                        help="the migrated guest")
+    parser.add_argument("--downtime-ms", type=count(1, 60_000), default=50,
                         help="the migration's downtime target (more rounds, more events)")
     parser.add_argument("--no-deflate", action="store_true",
                         help="watchers do not offer permessage-deflate (browsers do)")
