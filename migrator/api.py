@@ -1,7 +1,7 @@
 """/api/v1/ hosts, guests and jobs."""
 from django.shortcuts import get_object_or_404
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import generics, status
 from rest_framework.exceptions import APIException, PermissionDenied
 from rest_framework.permissions import BasePermission
@@ -40,6 +40,12 @@ def run(operation, *args, **kwargs):
         raise PermissionDenied(str(exc)) from None
 
 
+# A job started (or asked to stop or settle), or refused in the current state: a host
+# offline or revoked, the guest busy or already running, a job already over, …
+STARTED = {202: JobSerializer, 409: OpenApiResponse(
+    description="refused in the current state: {\"error\": code, \"detail\": reason}")}
+
+
 def job_response(job, code=status.HTTP_200_OK):
     return Response(progress.snapshot(job), status=code)
 
@@ -73,14 +79,14 @@ class GuestDetail(generics.RetrieveAPIView):
 
 
 class GuestSave(APIView):
-    @extend_schema(request=None, responses={202: JobSerializer})
+    @extend_schema(request=None, responses=STARTED)
     def post(self, request, uuid):
         return job_response(run(orchestrate.request_save, request, uuid),
                             status.HTTP_202_ACCEPTED)
 
 
 class GuestMigrate(APIView):
-    @extend_schema(request=MigrateRequestSerializer, responses={202: JobSerializer})
+    @extend_schema(request=MigrateRequestSerializer, responses=STARTED)
     def post(self, request, uuid):
         body = MigrateRequestSerializer(data=request.data)
         body.is_valid(raise_exception=True)
@@ -93,7 +99,7 @@ class GuestMigrate(APIView):
 class ImageRestore(vault_access.AuditedImageView, APIView):
     audit_action = {"POST": "restore"}
 
-    @extend_schema(request=RestoreRequestSerializer, responses={202: JobSerializer},
+    @extend_schema(request=RestoreRequestSerializer, responses=STARTED,
                    parameters=[OpenApiParameter(
                        "Idempotency-Key", OpenApiTypes.STR, OpenApiParameter.HEADER,
                        description="a retried request with the same key returns the same job")])
@@ -127,7 +133,7 @@ class JobDetail(APIView):
 
 
 class JobAbort(APIView):
-    @extend_schema(request=None, responses={202: JobSerializer})
+    @extend_schema(request=None, responses=STARTED)
     def post(self, request, pk):
         job = get_object_or_404(access.visible_jobs(request), pk=pk)
         return job_response(run(orchestrate.request_abort, request, job),
@@ -137,7 +143,7 @@ class JobAbort(APIView):
 class JobResolve(APIView):
     """Settle a migration left in doubt: which side keeps the guest."""
 
-    @extend_schema(request=ResolveRequestSerializer, responses={202: JobSerializer})
+    @extend_schema(request=ResolveRequestSerializer, responses=STARTED)
     def post(self, request, pk):
         job = get_object_or_404(access.visible_jobs(request), pk=pk)
         body = ResolveRequestSerializer(data=request.data)

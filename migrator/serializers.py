@@ -1,8 +1,10 @@
 """JSON shapes of hosts, guests and jobs."""
+from django.core.validators import RegexValidator
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from migrator.models import Guest, Host
+from migrator.pki import HOST_NAME_RE
 
 
 class HostSerializer(serializers.ModelSerializer):
@@ -30,12 +32,19 @@ class GuestSerializer(serializers.ModelSerializer):
                 for r in guest.domain_ids.all()[:20]]
 
 
+def host_name_field():
+    """A host's name as enrolment allows it (pki.HOST_NAME_RE): the schema says so too,
+    so a blank or malformed name is refused as invalid input by both."""
+    return serializers.CharField(max_length=63, validators=[RegexValidator(
+        f"^{HOST_NAME_RE.pattern}$", "not a host name")])
+
+
 class RestoreRequestSerializer(serializers.Serializer):
-    host = serializers.CharField(max_length=63)
+    host = host_name_field()
 
 
 class MigrateRequestSerializer(serializers.Serializer):
-    destination = serializers.CharField(max_length=63)
+    destination = host_name_field()
     live = serializers.BooleanField(default=True)
     downtime_ms = serializers.IntegerField(min_value=1, max_value=60000, required=False)
     max_rounds = serializers.IntegerField(min_value=1, max_value=1000, required=False)

@@ -3,7 +3,7 @@ import uuid
 
 from django import forms
 from django.shortcuts import get_object_or_404
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import generics, status
 from rest_framework.exceptions import PermissionDenied, ValidationError
 from rest_framework.response import Response
@@ -123,7 +123,9 @@ class ImageGrants(access.AuditedImageView, APIView):
     def post(self, request, pk):
         return self._change(request, pk, add=True)
 
-    @extend_schema(request=GrantSerializer, responses=GrantSerializer(many=True))
+    # 200 with the grants left (not 204: the answer has a body).
+    @extend_schema(request=GrantSerializer, responses={
+        200: GrantSerializer(many=True), 400: OpenApiResponse(description="invalid grant")})
     def delete(self, request, pk):
         return self._change(request, pk, add=False)
 

@@ -2,6 +2,7 @@
 
 The rules live in portal.tokens, shared with the Tokens page.
 """
+from django.core.validators import RegexValidator
 from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_field
@@ -53,7 +54,9 @@ class ScopeListField(serializers.ListField):
 
 
 class IssueRequestSerializer(serializers.Serializer):
-    name = serializers.CharField(max_length=100)
+    # Blank (or only spaces, which are trimmed) is refused; the schema says so too.
+    name = serializers.CharField(min_length=1, max_length=100,
+                                 validators=[RegexValidator(r"\S", "may not be blank")])
     scopes = ScopeListField(allow_empty=False)
     days = serializers.IntegerField(min_value=tokens.MIN_DAYS, max_value=tokens.MAX_DAYS,
                                     required=False, help_text="expiry in days (default: the "
