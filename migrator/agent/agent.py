@@ -241,11 +241,16 @@ class Agent:
     def boot_guests(self) -> None:
         """Start the config's guests that are not running yet.  A guest that
         left this host (saved into the vault) is not booted again."""
+        leaving = {r["guest"] for r in self.in_doubt.records() if r["role"] == "source"}
         for guest in self.config.guests:
             uuid = guest.uuid or self.state.uuid_for(guest.name)
             if self.state.is_departed(uuid):
                 log.info("not booting guest %s (%s): it was saved off this host", guest.name,
                          uuid)
+                continue
+            if uuid in leaving:  # committed to leaving: a fresh copy here would be a second
+                log.warning("not booting guest %s (%s): its migration away is in doubt",
+                            guest.name, uuid)
                 continue
             try:
                 self.driver.get(uuid)

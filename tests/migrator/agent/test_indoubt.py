@@ -12,6 +12,7 @@ import pytest
 from migrator.agent import Agent
 from migrator.agent.config import RelocationConfig
 from migrator.agent.indoubt import InDoubtBook
+from migrator.agent.outbox import ensure_state_dir
 from migrator.hypervisor import GuestState, SimDriver
 from migrator.indoubt import decide
 from tests.migrator.relocation.conftest import Link, pki  # noqa: F401 - the pki fixture
@@ -188,6 +189,31 @@ def test_source_kept_after_restart_resumes_the_guest(tmp_path):
         info = driver.get(web.uuid)
         assert info.active and info.state is GuestState.RUNNING and not info.dirty_log
         assert agent.in_doubt.records() == []
+    finally:
+        if agent is not None:
+            agent.stop()
+        portal.stop()
+        driver.close()
+
+
+def test_a_restarted_source_does_not_boot_a_guest_whose_migration_is_in_doubt(tmp_path):
+    """The host restarted and lost its paused copy: booting the config guest
+    afresh would make a second copy of a guest the destination may own."""
+    guest_uuid = str(uuid.uuid4())
+    portal = FakeWsPortal().start()
+    driver = SimDriver("hostb", 256)
+    agent = None
+    try:
+        config = agent_config(tmp_path, portal.url,
+                              guests=[guest("web-1", 8, BUSY, uuid=guest_uuid)])
+        ensure_state_dir(config.host.state_dir)
+        InDoubtBook(config.host.state_dir).add({
+            "job": "j-2", "role": "source", "guest": guest_uuid, "peer": "hostc",
+            "reason": "no answer after ACTIVATE", "since": 1.0, "was_active": True})
+        agent = Agent(config, driver, backoff=(0.05, 0.2), poll=0.1).start()
+        hello = portal.hello()
+        assert driver.list() == [] and hello["guests"] == []
+        assert [(r["job"], r["holds"]) for r in hello["in_doubt"]] == [("j-2", "none")]
     finally:
         if agent is not None:
             agent.stop()
