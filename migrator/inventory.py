@@ -72,9 +72,18 @@ def heartbeat(host, message):
 
 @transaction.atomic
 def sync_guests(host, reported):
-    """Make the portal's guest rows for ``host`` match the agent's list."""
+    """Make the portal's guest rows for ``host`` match the agent's list.
+
+    A guest arriving by live migration is listed by its destination before the
+    migration ends; until the job's outcome moves its row, the source's word stands.
+    Otherwise the row would follow the incoming copy, and a failed migration would
+    leave it on no host: free to be restored while its source still runs it.
+    """
+    arriving = _arriving_guests(host)
     seen = set()
     for info in reported:
+        if str(info.get("uuid", "")).lower() in arriving:
+            continue
         try:
             guest = _upsert_guest(host, info)
         except (KeyError, TypeError, ValueError):
@@ -83,6 +92,13 @@ def sync_guests(host, reported):
         seen.add(guest.uuid)
     Guest.objects.filter(host=host).exclude(uuid__in=seen).update(
         host=None, domain_id=None, state="", active=False)
+
+
+def _arriving_guests(host):
+    in_flight = (JobState.QUEUED, JobState.RUNNING, JobState.IN_DOUBT)
+    return {str(uuid) for uuid in Job.objects.filter(
+        kind=JobKind.MIGRATE, destination_host=host, state__in=in_flight,
+    ).values_list("guest_uuid", flat=True)}
 
 
 def _upsert_guest(host, info):

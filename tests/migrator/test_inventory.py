@@ -1,0 +1,45 @@
+"""What agents report about their guests, and when the portal believes it."""
+import pytest
+
+from migrator import inventory
+from migrator.models import Guest, Host, Job, JobKind, JobState
+from tests.migrator.conftest import GUEST
+
+ARRIVED = {**GUEST, "domain_id": 7}
+
+
+@pytest.fixture
+def migrating(enrolled, admin_user):
+    """GUEST runs on hostb; a live migration to hostc is under way."""
+    hostb, hostc = Host.objects.get(name="hostb"), Host.objects.get(name="hostc")
+    inventory.sync_guests(hostb, [GUEST])
+    return Job.objects.create(kind=JobKind.MIGRATE, requester=admin_user, source_host=hostb,
+                              destination_host=hostc, guest_uuid=GUEST["uuid"],
+                              guest_name=GUEST["name"], state=JobState.RUNNING)
+
+
+def guest_row():
+    return Guest.objects.select_related("host").get(uuid=GUEST["uuid"])
+
+
+def test_the_destination_listing_an_incoming_guest_does_not_move_it(migrating):
+    inventory.sync_guests(Host.objects.get(name="hostc"), [ARRIVED])
+    row = guest_row()
+    assert (row.host.name, row.domain_id) == ("hostb", GUEST["domain_id"])
+
+
+def test_a_failed_migration_leaves_the_guest_on_its_source_not_on_no_host(migrating):
+    hostc = Host.objects.get(name="hostc")
+    inventory.sync_guests(hostc, [ARRIVED])
+    migrating.fail("the agent on hostb went away")
+    migrating.save()
+    inventory.sync_guests(hostc, [])  # the destination dropped its incoming copy
+    assert guest_row().host.name == "hostb"  # so no restore can start a second copy
+
+
+def test_once_the_migration_is_over_the_destination_is_believed(migrating):
+    migrating.finish({})
+    migrating.save()
+    inventory.sync_guests(Host.objects.get(name="hostc"), [ARRIVED])
+    row = guest_row()
+    assert (row.host.name, row.domain_id) == ("hostc", 7)
