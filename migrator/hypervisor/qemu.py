@@ -316,8 +316,13 @@ class QemuDriver(HypervisorDriver):
             guests = sorted(self._guests.values(), key=lambda g: g.domid)
         infos = []
         for guest in guests:
-            with contextlib.suppress(GuestNotFound):
+            try:
                 infos.append(self._info(guest))
+            except GuestNotFound:
+                continue
+            except HypervisorError:  # its monitor is busy: report what Berth knows
+                infos.append(self._info(guest, "running" if guest.state in (
+                    GuestState.RUNNING, GuestState.MIGRATING) else "paused"))
         return infos
 
     def get(self, uuid: str) -> GuestInfo:
@@ -414,23 +419,25 @@ class QemuDriver(HypervisorDriver):
         yield self._header(guest)
         mine, theirs = socket.socketpair()
         try:
-            with guest.qmp() as qmp:
-                try:
+            # No monitor connection is held while the stream flows (an upload
+            # can take minutes): QEMU serves one client per monitor socket.
+            try:
+                with guest.qmp() as qmp:
                     qmp.command("getfd", {"fdname": "berth-save"}, fds=[theirs.fileno()])
                     theirs.close()
                     qmp.command("migrate", {"uri": "fd:berth-save"})
-                except QMPError as exc:
-                    raise InvalidGuestState(f"guest {guest.name}: QEMU cannot save: "
-                                            f"{exc}") from None
-                finished = False
-                try:
-                    while chunk := mine.recv(READ_BYTES):
-                        yield chunk
-                    finished = True
-                finally:
-                    if not finished:  # closed early or failed: QEMU stops writing
-                        with contextlib.suppress(QMPError):
-                            qmp.command("migrate_cancel")
+            except QMPError as exc:
+                raise InvalidGuestState(f"guest {guest.name}: QEMU cannot save: {exc}") from None
+            finished = False
+            try:
+                while chunk := mine.recv(READ_BYTES):
+                    yield chunk
+                finished = True
+            finally:
+                if not finished:  # closed early or failed: stop QEMU writing, and wait
+                    with contextlib.suppress(QMPError):
+                        self.migrate_cancel(guest.uuid)
+            with guest.qmp() as qmp:
                 status = self._wait_migration(qmp, ("completed", "failed", "cancelled"))
             if status.get("status") != "completed":
                 raise HypervisorError(f"guest {guest.name}: QEMU's save failed: "
