@@ -96,6 +96,14 @@ def test_ws_url_is_derived_from_the_portal_url(example, url, ws_url):
     assert parse_config(data).portal.ws_url == ws_url
 
 
+def test_qemu_guest_keys_reach_the_driver_config(example):
+    data = _data(example)
+    data["guests"][0].update(machine="q35", loader=[{"addr": 4096, "data": 7}])
+    etch = parse_config(data).guests[0]
+    assert etch.driver_config()["machine"] == "q35"
+    assert etch.driver_config()["loader"] == [{"addr": 4096, "data": 7}]
+
+
 def _data(example):
     import tomllib
     return tomllib.loads(example.read_text())
@@ -136,6 +144,8 @@ DELETE = object()
     ("guests.0.workload", {"profile": "web", "rate": -1}, "guests[0].workload: workload rate"),
     ("guests.1.name", "debian_etch", "guests[1].name: 'debian_etch' is used by another"),
     ("guests.1.memory_mib", DELETE, "guests[1].memory_mib: required key is missing"),
+    ("guests.0.machine", "pc,accel=kvm", "guests[0]: config.machine 'pc,accel=kvm' is not"),
+    ("guests.0.disk", "/no/such.img", "guests[0]: config.disk: /no/such.img is not a file"),
 ])
 def test_validation_errors_are_one_line_naming_the_key(example, key, value, expected):
     data = copy.deepcopy(_data(example))
