@@ -220,7 +220,7 @@ class Reply:
         self.status_code, self.content = status, content
 
 
-def _credential_headers(client):
+def credential_headers(client):
     """The Authorization header and cookies a Django test client would send."""
     headers = []
     authorization = client.defaults.get("HTTP_AUTHORIZATION")
@@ -244,7 +244,7 @@ def asgi_upload(client, path):
     body = memory_like(16 * 1024)
     headers = [(b"host", b"127.0.0.1"), (b"content-type", b"application/octet-stream"),
                (b"content-length", str(len(body)).encode()), (b"x-berth-name", b"matrix"),
-               *_credential_headers(client)]
+               *credential_headers(client)]
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
              "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
              "query_string": b"", "root_path": "", "headers": headers,
@@ -272,7 +272,7 @@ async def websocket_outcome(path, client, probe=None, browser=True):
     ``probe`` in the first message) or "rej" (the handshake refused)."""
     from portal.routing import websocket_application
 
-    headers = list(_credential_headers(client))
+    headers = list(credential_headers(client))
     headers = [(k, v) for k, v in headers if k != b"x-csrftoken"]
     if browser:
         headers.append((b"origin", b"http://127.0.0.1"))

@@ -176,3 +176,29 @@ async def test_token_without_write_scope_is_403(read_only_token):
 async def test_empty_image_is_stored(token):
     status, body = await post(headers_for(token, 0), [b""])
     assert status == 201 and body["plaintext_size"] == 0
+
+
+def browser_headers(client, size, csrf=True):
+    """What the upload page's script sends: the session cookie and (normally) the CSRF
+    token, besides the image's own headers."""
+    from tests.support.authz import credential_headers
+
+    headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size),
+               "X-Berth-Name": "etch"}
+    for name, value in credential_headers(client):
+        if csrf or name != b"x-csrftoken":
+            headers[name.decode()] = value.decode()
+    return headers
+
+
+async def test_a_verified_admin_uploads_from_the_browser(admin_client):
+    headers = await sync_to_async(browser_headers)(admin_client, 4)
+    status, body = await post(headers, [b"abcd"])
+    assert status == 201 and body["name"] == "etch"
+
+
+async def test_a_browser_upload_without_the_csrf_token_is_refused(admin_client):
+    headers = await sync_to_async(browser_headers)(admin_client, 4, csrf=False)
+    status, body = await post(headers, [b"abcd"])
+    assert status == 403 and "CSRF" in body["detail"]
+    assert await sync_to_async(nothing_stored)()
