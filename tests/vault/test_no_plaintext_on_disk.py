@@ -12,10 +12,11 @@ from tests.support.server import PortalServer, manage
 
 def contains(root: Path, marker: bytes) -> list[Path]:
     hits = []
-    for path in root.rglob("*"):
-        if path.is_file() and not path.is_symlink():
+    # os.walk skips what vanishes mid-walk: other processes share the temp directory.
+    for folder, _, names in os.walk(root):
+        for path in (Path(folder) / name for name in names):
             try:
-                if marker in path.read_bytes():
+                if path.is_file() and not path.is_symlink() and marker in path.read_bytes():
                     hits.append(path)
             except OSError:
                 continue
