@@ -10,6 +10,7 @@ import string
 import uuid
 from datetime import timedelta
 from functools import cached_property
+from urllib.parse import urlencode
 
 from asgiref.sync import async_to_sync
 from django.contrib.messages import constants as message_levels
@@ -21,7 +22,7 @@ from django.utils import timezone
 
 from migrator import credentials
 from migrator.models import Guest, Host, Job, JobCredential, JobKind, JobState
-from portal.accounts import create_user
+from portal.accounts import create_user, revoke_token
 from portal.models import APIToken
 from portal.scopes import SCOPES
 from tests.conftest import PASSWORD
@@ -138,8 +139,10 @@ SESSION_FIXTURES = {"admin": "admin_client", "admin-no-2fa": "unverified_admin_c
                     "auditor": "auditor_client", "outsider": "outsider_client"}
 
 
-def _token_client(user, scopes, expiry=timedelta(days=1)):
-    _, secret = APIToken.objects.create(user=user, scopes=sorted(scopes), expiry=expiry)
+def _token_client(user, scopes, expiry=timedelta(days=1), revoked=False):
+    instance, secret = APIToken.objects.create(user=user, scopes=sorted(scopes), expiry=expiry)
+    if revoked:
+        revoke_token(instance.token_key)
     return Client(HTTP_AUTHORIZATION=f"Token {secret}")
 
 
@@ -160,9 +163,7 @@ def client_for(identity, world, fixture):
     if identity == "expired token":
         return _token_client(admin, SCOPES, expiry=timedelta(seconds=-1))
     if identity == "revoked token":
-        client = _token_client(admin, SCOPES)
-        APIToken.objects.filter(user=admin).delete()
-        return client
+        return _token_client(admin, SCOPES, revoked=True)
     scope = identity.removeprefix("token ")
     assert scope in SCOPES, f"unknown identity {identity!r}"
     return _token_client(admin, [scope])
@@ -201,14 +202,8 @@ def send(client, method, path, data=None, as_json=False):
     if as_json:
         return client.generic(method, path, json.dumps(data or {}),
                               content_type="application/json")
-    return client.generic(method, path, _form(data or {}),
+    return client.generic(method, path, urlencode(data or {}, doseq=True),
                           content_type="application/x-www-form-urlencoded")
-
-
-def _form(data):
-    from urllib.parse import urlencode
-
-    return urlencode(data, doseq=True)
 
 
 class Reply:
