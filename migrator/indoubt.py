@@ -128,8 +128,10 @@ def record_answer(job, host, event):
         keep, why = decide(answers.get("source"), answers.get("destination"))
         if keep is not None:
             _apply(job, keep, "automatic", why)
-        elif len(answers) == 2:
-            job.resolution = {**res, "state": "undecided", "why": why}
+        else:
+            res["why"] = why
+            if len(answers) == 2:
+                res["state"] = "undecided"
     job.save(update_fields=["resolution"])
     transaction.on_commit(lambda: progress.publish(job, "resolution"))
 
