@@ -13,6 +13,18 @@ def pytest_addoption(parser):
                           "without either it is skipped")
 
 
+@pytest.fixture(autouse=True)
+def close_sync_to_async_connections():
+    """Async tests reach the database through asgiref's one sync thread, whose
+    connection nobody closes: close it after each test, so PostgreSQL can drop the
+    test database at the end instead of finding it still in use."""
+    yield
+    from asgiref.sync import SyncToAsync
+    from django.db import connections
+
+    SyncToAsync.single_thread_executor.submit(connections.close_all).result()
+
+
 @pytest.fixture
 def admin_user(db):
     return create_user("alice", "admin", PASSWORD)[0]
