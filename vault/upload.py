@@ -77,7 +77,8 @@ def _headers(scope):
 
 
 UUID_FIELDS = ("guest_uuid",)
-INT_FIELDS = ("memory_mib", "vcpus")
+# Largest value of each number's column: PostgreSQL refuses more (SQLite stores anything).
+INT_FIELDS = {"memory_mib": 2**31 - 1, "vcpus": 2**15 - 1}
 TEXT_FIELDS = ("name", "guest_name", "source_host", "architecture", "virt_extensions", "sha256")
 
 
@@ -88,7 +89,7 @@ def parse_metadata(scope) -> dict:
         raise UploadError(415, "unsupported_media_type",
                           "Send the image as application/octet-stream.")
     meta = {}
-    for field in UUID_FIELDS + INT_FIELDS + TEXT_FIELDS:
+    for field in (*UUID_FIELDS, *INT_FIELDS, *TEXT_FIELDS):
         value = headers.get("x-berth-" + field.replace("_", "-"))
         if value is not None:
             meta[field] = _convert(field, value.strip())
@@ -104,7 +105,7 @@ def _convert(field, value):
             return str(uuid.UUID(value))
         if field in INT_FIELDS:
             number = int(value)
-            if not 0 < number < 2**31:
+            if not 0 < number <= INT_FIELDS[field]:
                 raise ValueError
             return number
     except ValueError:

@@ -139,6 +139,15 @@ async def test_missing_name_is_400(token):
     assert status == 400 and "X-Berth-Name" in body["detail"]
 
 
+@pytest.mark.parametrize(("header", "value"), [("X-Berth-VCPUs", "32768"),
+                                                ("X-Berth-Memory-MiB", str(2**31)),
+                                                ("X-Berth-VCPUs", "0")])
+async def test_numbers_beyond_their_column_are_400_on_every_database(token, header, value):
+    status, body = await post(headers_for(token, 4, **{header: value}), [b"abcd"])
+    assert status == 400 and body["error"] == "invalid" and value in body["detail"], body
+    assert await sync_to_async(nothing_stored)()
+
+
 async def test_wrong_content_type_is_415(token):
     status, _ = await post(headers_for(token, 4, **{"Content-Type": "multipart/form-data"}),
                            [b"abcd"])
