@@ -104,8 +104,11 @@ def test_qemu_guests_survive_an_agent_restart(deployment):
     deployment.kill_agent("hostb")
     assert alive(pid)
     deployment.start_agent("hostb")
-    deployment.wait_for(lambda: deployment.get("/api/v1/hosts/")["results"][0]["online"],
-                        "hostb back online")
+    log = deployment.data / "agent-hostb.log"
+    deployment.wait_for(lambda: "re-attached to guest debian_etch" in log.read_text()
+                        and "connected to the portal" in log.read_text().split(
+                            "re-attached to guest debian_etch")[-1],
+                        "the new agent to re-attach and connect")
     again = deployment.wait_for(
         lambda: (g := deployment.guest("debian_etch"))["host"] == "hostb" and g, "the guest")
     assert again["domain_id"] == guest["domain_id"]  # re-attached, not rebooted
