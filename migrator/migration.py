@@ -35,6 +35,10 @@ def precheck(guest, destination):
             ("virtualisation extensions",
              set(guest.host.virt_extensions) == set(destination.virt_extensions),
              f"{sorted(guest.host.virt_extensions)} → {sorted(destination.virt_extensions)}"),
+            # A QEMU guest moves with QEMU's stream, a sim guest with pages:
+            # the destination refuses the other kind (docs/qemu.md).
+            ("hypervisor", guest.host.driver == destination.driver,
+             f"{guest.host.driver} → {destination.driver}"),
         ]
     checks.append(_subnet_check(guest, destination))
     missing = sorted(set((guest.config or {}).get("storage", [])) - set(destination.storage))
