@@ -42,12 +42,14 @@ from .protocol import (
     ProtocolError,
     describe_error,
     encode_pages,
+    touched_buffer,
 )
 
 log = logging.getLogger("berth.relocation")
 
 STAGES = ("pre-migration", "reservation", "pre-copy", "stop-and-copy", "commitment",
           "activation")
+SENDER_DEPTH = 2  # frames queued for the sender thread
 _BANDWIDTH_SAMPLE = 256 * 1024  # smaller rounds are latency-bound: keep the last estimate
 
 
@@ -144,7 +146,7 @@ class PrecopyMigration:
         self._activate_sent = False
         self._chan: Channel | None = None
         self._sender: FrameSender | None = None
-        self._buffers: list[tuple[bytearray, bytearray]] = []  # see _send_pages
+        self._buffers: list[tuple[bytearray, bytearray]] = []  # see _reserve, _send_pages
         self._stage = "pre-migration"
         self._began = self._dirty_log = self._paused = False
         self._was_active = False
@@ -235,6 +237,10 @@ class PrecopyMigration:
             "guest": {"uuid": info.uuid, "name": info.name, "memory_mib": info.memory_mib,
                       "vcpus": info.vcpus, "config": info.config},
             "fingerprint_seed": self._seed.hex(), "verify": self.settings.verify})
+        # Read buffers, faulted in while the destination reserves (see _send_pages).
+        size = self.settings.batch_pages * PAGE_SIZE
+        self._buffers = [(touched_buffer(size), touched_buffer(size))
+                         for _ in range(FrameSender.buffers_for(SENDER_DEPTH))]
         # The destination populates the container before answering: allow
         # for it (a few seconds per GiB at worst).
         wait = self.settings.io_timeout + 5.0 * info.memory_mib / 1024
@@ -268,7 +274,7 @@ class PrecopyMigration:
     def _precopy(self) -> None:
         s, npages = self.settings, self._info.npages
         self._fps = Fingerprints(self._seed, npages)
-        self._sender = FrameSender(self._chan)
+        self._sender = FrameSender(self._chan, SENDER_DEPTH)
         self.driver.dirty_log_start(self.uuid)
         self._dirty_log = True
         self._stage_event("pre-copy", destination_domid=self._dest_domid)
@@ -331,9 +337,6 @@ class PrecopyMigration:
         batch: fresh memory costs a page fault per 4 KiB touched (≈11 µs in
         a nested VM), more than copying it."""
         step, t = self.settings.batch_pages, time.monotonic()
-        if not self._buffers:
-            self._buffers = [(bytearray(step * PAGE_SIZE), bytearray(step * PAGE_SIZE))
-                             for _ in range(self._sender.buffers_needed)]
         for n, start in enumerate(range(0, len(indices), step)):
             if self._abort.is_set():
                 raise _Aborted()
@@ -368,7 +371,7 @@ class PrecopyMigration:
         copy, and is recorded as such."""
         npages = self._info.npages
         self._fps = Fingerprints(self._seed, npages)
-        self._sender = FrameSender(self._chan)
+        self._sender = FrameSender(self._chan, SENDER_DEPTH)
         self._stop_reason = "not_live"
         self._pause()
         self._mark("paused")

@@ -60,6 +60,7 @@ from .protocol import (
     decode_json,
     decode_pages,
     describe_error,
+    frame_buffers,
 )
 from .tickets import TicketBook, TicketRefused
 
@@ -217,6 +218,7 @@ class _Incoming:
         self.known_zero = np.ones(self.npages, dtype=bool)  # a new container is zeroed
         if self.server.populate:
             self._populate()
+        self.frame_buffers = frame_buffers()  # faulted in now, while the source waits
         self.state = "receiving"
         self.emit("stage", stage="reservation", result="reserved", domid=info.domid,
                   memory_mib=spec.memory_mib)
@@ -234,7 +236,7 @@ class _Incoming:
             self.driver.write_pages(self.uuid, idx, _ZEROS[:len(idx) * PAGE_SIZE])
 
     def _receive(self) -> None:
-        reader = FramePrefetcher(self.chan)
+        reader = FramePrefetcher(self.chan, self.frame_buffers)
         try:
             while True:
                 msg, payload, buf = reader.get()
