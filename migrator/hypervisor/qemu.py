@@ -231,8 +231,10 @@ class QemuDriver(HypervisorDriver):
         return self._info(guest)
 
     def _start(self, res: Reservation, name: str, vcpus: int, config: dict[str, Any],
-               state: GuestState, *, incoming: bool) -> _Guest:
-        """Launch QEMU for a reservation and swap the reservation for the guest."""
+               state: GuestState, *, incoming: bool, owned: bool = True) -> _Guest:
+        """Launch QEMU for a reservation and swap the reservation for the guest.
+        If QEMU fails, a reservation this call made (``owned``) is released; a
+        caller's reservation is left for the caller to release."""
         directory = self.run_dir / res.uuid
         meta = {"uuid": res.uuid, "name": name, "domid": 0, "memory_mib": res.memory_mib,
                 "vcpus": vcpus, "config": config, "state": state.value}
@@ -249,7 +251,8 @@ class QemuDriver(HypervisorDriver):
             guest.pid = proc.launch(directory, argv)
             guest.save()
         except BaseException:
-            self._drop_reservation(res.id)
+            if owned:
+                self._drop_reservation(res.id)
             with contextlib.suppress(Exception):
                 proc.kill(proc.read_pid(directory), res.uuid)
             proc.remove_dir(directory)
@@ -465,7 +468,7 @@ class QemuDriver(HypervisorDriver):
         res = (self._use_reservation(reservation_id, uuid, meta["memory_mib"])
                if reservation_id else self._claim(uuid, meta["memory_mib"]))
         guest = self._start(res, meta["name"], meta["vcpus"], meta["config"],
-                            GuestState.INCOMING, incoming=True)
+                            GuestState.INCOMING, incoming=True, owned=not reservation_id)
         try:
             self._feed(guest, rest, pieces)
         except BaseException:
@@ -607,7 +610,7 @@ class QemuDriver(HypervisorDriver):
         config = json.loads(json.dumps(spec.config))
         proc.check_config(config)
         guest = self._start(res, spec.name, spec.vcpus, config, GuestState.INCOMING,
-                            incoming=True)
+                            incoming=True, owned=False)
         return self._info(guest)
 
     def release_reservation(self, reservation_id: str) -> None:

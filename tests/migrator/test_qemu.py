@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from migrator.hypervisor import GuestSpec, GuestState, InvalidRequest
+from migrator.hypervisor import GuestSpec, GuestState, HypervisorError, InvalidRequest
 from migrator.hypervisor.qemu import QemuDriver
 from migrator.hypervisor.qemu_process import TICK_COUNTER, alive, command_line
 from migrator.hypervisor.savestream import SaveStreamError
@@ -128,3 +128,17 @@ def test_restored_and_incoming_guests_boot_without_the_loader(tmp_path):
     assert "guest=a,,b" in fresh and any(a.startswith("loader,") for a in fresh)
     assert not any(a.startswith("loader,") for a in incoming)
     assert incoming[-3:] == ["-incoming", "defer", "-S"]
+
+
+def test_a_qemu_that_cannot_start_frees_its_own_claim_and_leaves_a_callers_reservation(
+        tmp_path):
+    driver = QemuDriver("hostb", 512, tmp_path / "b", binary="/nonexistent/qemu")
+    with pytest.raises(HypervisorError, match="not installed"):
+        driver.create(GuestSpec("g", 64))
+    assert driver.capacity().used_mib == driver.capacity().reserved_mib == 0
+    res = driver.reserve("6f1c2b1e-8a4d-4c5e-9f00-0123456789ab", 64)
+    with pytest.raises(HypervisorError, match="not installed"):
+        driver.commit_reservation(res.id, GuestSpec("g", 64, uuid=res.uuid))
+    assert driver.capacity().reserved_mib == 64  # the relocation server releases it
+    driver.release_reservation(res.id)
+    assert driver.list() == [] and not [p for p in driver.run_dir.iterdir() if p.is_dir()]
