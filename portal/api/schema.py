@@ -7,21 +7,28 @@ ERROR = {"$ref": "#/components/schemas/Error"}
 ERROR_SHAPE = {"type": "object", "required": ["error", "detail"], "properties": {
     "error": {"type": "string"}, "detail": {}}}
 TEXT = {"type": "string", "maxLength": 200}
-COUNT = {"type": "integer", "minimum": 1, "maximum": 2**31 - 1}
-# What vault.upload.parse_metadata accepts, so a request the schema allows is stored.
-META_HEADERS = [
-    ("X-Berth-Name", True, "image name",
-     {"type": "string", "minLength": 1, "maxLength": 200, "pattern": r"\S"}),
-    ("X-Berth-Guest-UUID", False, "guest identity", {"type": "string", "format": "uuid"}),
-    ("X-Berth-Guest-Name", False, "guest name", TEXT),
-    ("X-Berth-Source-Host", False, "host the image was saved on", TEXT),
-    ("X-Berth-Memory-MiB", False, "guest memory", COUNT),
-    ("X-Berth-VCPUs", False, "guest vCPUs", COUNT),
-    ("X-Berth-Architecture", False, "e.g. x86_64", TEXT),
-    ("X-Berth-Virt-Extensions", False, "e.g. vmx", TEXT),
-    ("X-Berth-SHA256", False, "expected SHA-256 of the body; mismatch → 422, nothing stored",
-     {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"}),
-]
+
+
+def meta_headers():
+    """What vault.upload.parse_metadata accepts, so a request the schema allows is stored."""
+    from vault.upload import INT_FIELDS  # the vault imports portal, not the reverse
+
+    def count(field):
+        return {"type": "integer", "minimum": 1, "maximum": INT_FIELDS[field]}
+
+    return [
+        ("X-Berth-Name", True, "image name",
+         {"type": "string", "minLength": 1, "maxLength": 200, "pattern": r"\S"}),
+        ("X-Berth-Guest-UUID", False, "guest identity", {"type": "string", "format": "uuid"}),
+        ("X-Berth-Guest-Name", False, "guest name", TEXT),
+        ("X-Berth-Source-Host", False, "host the image was saved on", TEXT),
+        ("X-Berth-Memory-MiB", False, "guest memory", count("memory_mib")),
+        ("X-Berth-VCPUs", False, "guest vCPUs", count("vcpus")),
+        ("X-Berth-Architecture", False, "e.g. x86_64", TEXT),
+        ("X-Berth-Virt-Extensions", False, "e.g. vmx", TEXT),
+        ("X-Berth-SHA256", False, "expected SHA-256 of the body; mismatch → 422, nothing "
+         "stored", {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"}),
+    ]
 
 
 def _errors(*codes):
@@ -39,7 +46,7 @@ def add_streaming_endpoints(result, generator, request, public):
         "tags": ["images"],
         "parameters": [{"in": "header", "name": name, "required": required,
                         "schema": schema, "description": text}
-                       for name, required, text, schema in META_HEADERS],
+                       for name, required, text, schema in meta_headers()],
         "requestBody": {"required": True, "content": {
             "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
         "responses": {"201": {"description": "stored", "content": {"application/json": {
