@@ -17,7 +17,6 @@ import ctypes
 import ctypes.util
 import logging
 import os
-import platform
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +33,16 @@ TOP_PAD = 2 * MiB
 OPERATOR_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 
+def is_glibc() -> bool:
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+    except (ValueError, OSError, AttributeError):
+        return False
+
+
 def tune_for_streaming() -> bool:
     """Apply the settings once at process start; False where they do not apply."""
-    if platform.libc_ver()[0] != "glibc" or any(os.environ.get(n) for n in OPERATOR_SETTINGS):
+    if not is_glibc() or any(os.environ.get(n) for n in OPERATOR_SETTINGS):
         return False
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt

@@ -1,11 +1,9 @@
 """portal.malloc: malloc settings for streaming processes."""
-import platform
-
 import pytest
 
 from portal import malloc
 
-glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+glibc_only = pytest.mark.skipif(not malloc.is_glibc(), reason="glibc's mallopt")
 
 
 @glibc_only
