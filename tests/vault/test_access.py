@@ -1,4 +1,6 @@
 """Permission matrix: owner, other admin, auditor, outsider, anonymous × every action."""
+import uuid
+
 import pytest
 from django.contrib.auth.models import AnonymousUser
 from django.test import Client
@@ -162,3 +164,20 @@ def test_admin_without_second_factor_cannot_download_delete_restore_or_grant(peo
     client = client_for(people, "owner", verified=False)
     assert client.delete(f"/api/v1/images/{image.id}").status_code == 403
     assert AuditRecord.objects.filter(action="image.delete", outcome="denied").exists()
+
+
+def test_a_restore_credential_downloads_its_own_image_only(people, image):
+    from migrator import credentials
+    from migrator.models import Host, Job, JobCredential, JobKind, JobState
+    from tests.support.authz import World
+
+    other = store_image(people["owner"], b"\x02" * 10000, name="other")
+    host = Host.objects.get(name=World().hostc)
+    job = Job.objects.create(kind=JobKind.RESTORE, state=JobState.RUNNING,
+                             requester=people["owner"], guest_uuid=uuid.uuid4(), image=image,
+                             destination_host=host)
+    agent = Client(HTTP_AUTHORIZATION="Job " + credentials.issue_job_credential(
+        job, JobCredential.DOWNLOAD, image.id))
+    assert agent.get(f"/api/v1/images/{other.id}/content").status_code == 403
+    assert AuditRecord.objects.filter(target=other.target, outcome="denied").exists()
+    assert agent.get(f"/api/v1/images/{image.id}/content").status_code == 200
