@@ -269,18 +269,48 @@ def disconnected(host, channel_name):
 
 
 def expire_stale_jobs(now=None):
-    """Fail jobs whose agent has been gone longer than the timeout, with the reason."""
+    """Fail, with the reason, jobs whose agent has been gone longer than the timeout,
+    and jobs a connected agent never started (their command was lost, e.g. with the
+    portal process that held the agent's socket)."""
     now = now or timezone.now()
-    cutoff = now - timedelta(seconds=settings.JOB_AGENT_TIMEOUT_SECONDS)
     expired = 0
     for job in Job.objects.filter(state__in=(JobState.QUEUED, JobState.RUNNING)).select_related(
             "source_host", "destination_host"):
-        host = job.host
-        if host is None or host.online or (host.last_seen and host.last_seen > cutoff):
-            continue
-        if job.fail(f"the agent on {host.name} went away and did not come back within "
-                    f"{settings.JOB_AGENT_TIMEOUT_SECONDS} s"):
-            job.save()
-            progress.publish(job, "final")
-            expired += 1
+        if _stale_reason(job, now):
+            expired += _expire(job.id, now)
     return expired
+
+
+def _stale_reason(job, now):
+    host, timeout = job.host, settings.JOB_AGENT_TIMEOUT_SECONDS
+    if host is None:
+        return None
+    if not host.online and not (host.last_seen and host.last_seen > now - timedelta(
+            seconds=timeout)):
+        return f"the agent on {host.name} went away and did not come back within {timeout} s"
+    start_timeout = settings.JOB_START_TIMEOUT_SECONDS
+    if job.state == JobState.QUEUED and job.created_at < now - timedelta(seconds=start_timeout):
+        return (f"the agent on {host.name} did not start the job within {start_timeout} s "
+                f"(its command was lost)")
+    return None
+
+
+@transaction.atomic
+def _expire(job_id, now):
+    """Fail one job, under its row lock: another process may be recording its result."""
+    job = Job.objects.select_for_update(of=("self",)).select_related(
+        "source_host", "destination_host").filter(id=job_id).first()
+    reason = _stale_reason(job, now) if job and not job.is_final else None
+    if reason is None or not job.fail(reason):
+        return 0
+    job.save()
+    transaction.on_commit(lambda: _announce_expiry(job))
+    return 1
+
+
+def _announce_expiry(job):
+    progress.publish(job, "final")
+    for host in {job.source_host, job.destination_host} - {None}:
+        if host.online:  # a command that was only late must not run now
+            progress.send_to_host(host.name, {"type": "command", "job": str(job.id),
+                                              "action": "abort"})

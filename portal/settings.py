@@ -295,6 +295,8 @@ AGENTS_DIR = Path(env("AGENTS_DIR", DATA_DIR / "agents")).resolve()
 PORTAL_URL = env("PORTAL_URL", "http://127.0.0.1:8000")
 # A running job whose agent has been silent this long is failed, with the reason.
 JOB_AGENT_TIMEOUT_SECONDS = env_int("JOB_AGENT_TIMEOUT_SECONDS", 60)
+# A queued job a connected agent has not started by then is failed: its command was lost.
+JOB_START_TIMEOUT_SECONDS = env_int("JOB_START_TIMEOUT_SECONDS", 60)
 
 # Live migration stop conditions (Xen's spirit: 30 rounds, 3x memory), per
 # migration overridable.

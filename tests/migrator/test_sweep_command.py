@@ -36,3 +36,22 @@ def test_sweep_leaves_a_job_whose_agent_is_within_the_timeout(jobs, settings, ca
     call_command("sweep")
     assert "0 stale job(s) failed" in capsys.readouterr().out
     assert Job.objects.get(id=jobs["hostb"].id).state == JobState.QUEUED
+
+
+def test_sweep_fails_a_job_a_connected_agent_never_started(jobs, settings, capsys):
+    settings.JOB_AGENT_TIMEOUT_SECONDS, settings.JOB_START_TIMEOUT_SECONDS = 600, 30
+    lost = jobs["hostc"]
+    Job.objects.filter(id=lost.id).update(created_at=timezone.now() - timedelta(minutes=1))
+    call_command("sweep")
+    assert "1 stale job(s) failed" in capsys.readouterr().out
+    lost.refresh_from_db()
+    assert lost.state == JobState.FAILED and "did not start the job within 30 s" in lost.error
+
+
+def test_sweep_leaves_a_running_job_of_a_connected_agent(jobs, settings):
+    settings.JOB_START_TIMEOUT_SECONDS = 30
+    running = jobs["hostc"]
+    Job.objects.filter(id=running.id).update(created_at=timezone.now() - timedelta(minutes=5),
+                                             state=JobState.RUNNING)
+    call_command("sweep")
+    assert Job.objects.get(id=running.id).state == JobState.RUNNING
