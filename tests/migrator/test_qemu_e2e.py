@@ -56,9 +56,12 @@ class QemuDeployment(Deployment):
 
 @pytest.fixture
 def deployment(tmp_path):
-    system = QemuDeployment(tmp_path).start()
-    yield system
-    system.stop()
+    system = QemuDeployment(tmp_path)
+    try:
+        system.start()
+        yield system
+    finally:  # also when start() fails: its QEMU guests must not outlive the test
+        system.stop()
 
 
 def read_u64(qmp, addr):
