@@ -246,6 +246,17 @@ class QemuMigration(PrecopyMigration):
         self._t_pause = t_pause
         self._stop_and_copy()
 
+    def _finish(self, state: str, reason: str, stage: str | None = None) -> dict[str, Any]:
+        """The engine's record plus QEMU's own account of its stream."""
+        result = super()._finish(state, reason, stage)
+        q, ram = self.qemu_status, self.qemu_status.get("ram") or {}
+        result["qemu"] = {"status": q.get("status"), "total_time_ms": q.get("total-time"),
+                          "setup_time_ms": q.get("setup-time"), "downtime_ms": q.get("downtime"),
+                          "transferred": ram.get("transferred"), "mbps": ram.get("mbps"),
+                          "iterations": max(int(ram.get("dirty-sync-count", 1)) - 1, 0),
+                          "dirty_pages_rate": ram.get("dirty-pages-rate")}
+        return result
+
     # -- failure --------------------------------------------------------------------
     def _rollback_local(self) -> None:
         if self._started and not self._completed:

@@ -73,6 +73,8 @@ def test_a_qemu_guest_migrates_over_tls_with_its_memory_and_the_source_is_gone(h
     result = engine(source, info.uuid, server, pki["hostb"].client(), events).run()
     assert result["state"] == "succeeded", result
     assert result["rounds"] >= 1 and result["bytes_sent"] > 0 and result["downtime_ms"] > 0
+    assert result["qemu"]["status"] == "completed"
+    assert 0 < result["qemu"]["transferred"] < result["bytes_sent"]  # + the channel's frames
     assert [e for e in events if e["kind"] == "round"]
     assert source.list() == [] and not alive(pid)
     moved = dest.get(info.uuid)
