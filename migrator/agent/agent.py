@@ -138,6 +138,7 @@ class Agent:
         self._threads: dict[str, threading.Thread] = {}
         self._busy: dict[str, str] = {}  # guest uuid -> job id
         self._finished: collections.deque[str] = collections.deque(maxlen=1000)
+        self._results_posted = 0  # counts _finish calls; see _ticker
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
         self._ws: ClientConnection | None = None
@@ -412,9 +413,14 @@ class Agent:
         unacknowledged results again now and then.  ``last`` is what hello said."""
         last_sent = time.monotonic()
         while True:
+            posted = self._results_posted
             inventory = await asyncio.to_thread(self.inventory)
             now = time.monotonic()
-            if inventory != last or now - last_sent >= self._heartbeat:
+            # A job that ended while the view was taken has posted its result already:
+            # the view may predate that result and, sent after it, would put the guest
+            # back where it was at the portal. Take a fresh view next time instead.
+            stale = posted != self._results_posted
+            if not stale and (inventory != last or now - last_sent >= self._heartbeat):
                 self._enqueue(inventory)
                 last, last_sent = inventory, now
             for result in self.outbox.pending():
@@ -600,6 +606,7 @@ class Agent:
                 if self._busy.get(job.guest_uuid) == job_id:
                     del self._busy[job.guest_uuid]
             self._finished.append(job_id)
+            self._results_posted += 1
         self._post(result)
 
     def _event(self, job_id: str, event: dict[str, Any]) -> None:

@@ -67,6 +67,32 @@ def test_inventory_follows_changes(portal, make_agent):
     assert inv["capacity"]["used_mib"] == 8
 
 
+def test_a_view_taken_while_a_job_ended_is_not_sent_after_its_result(portal, make_agent):
+    """Sent after the result, a view from before it would move the guest back at the portal."""
+    agent = make_agent(portal.url, guests=[guest("etch")])
+    portal.hello()
+    take_view, calls = agent.inventory, []
+
+    def view_during_which_a_job_ends():
+        calls.append(1)
+        view = take_view()
+        if len(calls) == 1:  # the job ends while this view is being taken
+            agent._finish("job-x", {"type": "job.result", "job": "job-x", "state": "failed",
+                                    "error": "ended mid-view"})
+            view["capacity"]["used_mib"] = 12345  # marks the stale view
+        return view
+
+    agent.inventory = view_during_which_a_job_ends
+    start = len(portal.messages)
+    agent.driver.pause(only_guest(agent).uuid)  # something changed: a view is due
+    portal.wait_for(lambda m: m["type"] == "inventory" and m["guests"][0]["state"] == "paused",
+                    after=start)
+    sent = portal.messages[start:]
+    assert any(m["type"] == "job.result" and m["job"] == "job-x" for m in sent)
+    assert [m for m in sent if m["type"] == "inventory"
+            and m["capacity"]["used_mib"] == 12345] == []
+
+
 def test_refused_credential_is_retried_with_backoff_until_fixed(portal, make_agent, caplog):
     portal.credential = "hc_something-else"
     with caplog.at_level(logging.WARNING, logger="berth.agent"):
