@@ -164,18 +164,21 @@ def restart_portal(system):
 
 
 def assert_each_guest_runs_exactly_once(system, uuids):
-    """Both agents list all their guests in the hello after a portal restart: a guest
-    running on two hosts would move its row, and leave a new domain-ID record."""
+    """After a portal restart both agents list all their guests in their hello, and again
+    at each heartbeat (10 s): a guest running on two hosts has its row moved to each in
+    turn, and a domain-ID record for each. One new record is fine: the row catching up
+    (a job a restart caught is failed though its agent finished it)."""
     restarted = time.time()
     system.portal.restart()
     system.wait_for(lambda: all(h["online"] for h in system.get("/api/v1/hosts/")["results"]),
                     "both agents back")
-    time.sleep(2)  # both hellos handled, and an inventory each after them
+    time.sleep(12)  # both hellos handled, and a heartbeat from each after them
     for uuid in uuids:
         guest = guest_by_uuid(system, uuid)
         assert guest["host"] in HOSTS and guest["state"] == "running", guest
-        latest = datetime.fromisoformat(guest["domain_ids"][0]["seen_at"]).timestamp()
-        assert latest < restarted, f"guest {guest['name']} moved on reconnect: {guest}"
+        since = {r["host"] for r in guest["domain_ids"]
+                 if datetime.fromisoformat(r["seen_at"]).timestamp() > restarted}
+        assert len(since) <= 1, f"guest {guest['name']} runs on {sorted(since)}: {guest}"
 
 
 def assert_audit_and_vault_whole(system, jobs):
