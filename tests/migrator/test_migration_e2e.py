@@ -40,3 +40,23 @@ def test_migration_to_its_own_host_is_refused(deployment):
     response = deployment.api.post(f"/api/v1/guests/{guest['uuid']}/migrate",
                                    json={"destination": "hostb"})
     assert response.status_code == 409 and response.json()["error"] == "same_host"
+
+
+def test_non_live_migration_pauses_copies_once_and_resumes_on_the_destination(deployment):
+    before = deployment.guest("ubuntu_fuwa_nfs_domu")
+    response = deployment.api.post(f"/api/v1/guests/{before['uuid']}/migrate",
+                                   json={"destination": "hostc", "live": False})
+    assert response.status_code == 202, response.text
+    job = deployment.finished(response.json()["id"])
+    assert job["state"] == "succeeded", job
+    result = job["result"]
+    assert result["rounds"] == 1 and result["stop_reason"] == "not_live"
+    assert len(job["rounds"]) == 1 and job["rounds"][0]["dirty_pages"] == 0
+    stages = [step["stage"] for step in job["timeline"]]
+    assert "pre-copy" not in stages and "stop-and-copy" in stages
+    # the guest was paused for the whole copy: the downtime covers the round
+    assert result["downtime_ms"] >= job["rounds"][0]["duration_s"] * 1000
+    after = deployment.wait_for(
+        lambda: (g := deployment.guest("ubuntu_fuwa_nfs_domu"))["host"] == "hostc" and g,
+        "the guest on hostc")
+    assert after["uuid"] == before["uuid"] and after["state"] == "running"
