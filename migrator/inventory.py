@@ -74,15 +74,16 @@ def heartbeat(host, message):
 def sync_guests(host, reported):
     """Make the portal's guest rows for ``host`` match the agent's list.
 
-    A guest arriving by live migration is listed by its destination before the
-    migration ends; until the job's outcome moves its row, the source's word stands.
-    Otherwise the row would follow the incoming copy, and a failed migration would
-    leave it on no host: free to be restored while its source still runs it.
+    A guest arriving by live migration is listed by its destination (as incoming)
+    before it runs there; until then the source's word stands. Otherwise the row would
+    follow the incoming copy, and a failed migration would leave it on no host: free
+    to be restored while its source still runs it. Once it runs on the destination,
+    that is believed at once, even if the job's result is late (a portal restart).
     """
     arriving = _arriving_guests(host)
     seen = set()
     for info in reported:
-        if str(info.get("uuid", "")).lower() in arriving:
+        if str(info.get("uuid", "")).lower() in arriving and info.get("state") != "running":
             continue
         try:
             guest = _upsert_guest(host, info)

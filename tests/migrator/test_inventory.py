@@ -5,6 +5,7 @@ from migrator import inventory
 from migrator.models import Guest, Host, Job, JobKind, JobState
 from tests.migrator.conftest import GUEST
 
+INCOMING = {**GUEST, "domain_id": 7, "state": "incoming", "active": False}
 ARRIVED = {**GUEST, "domain_id": 7}
 
 
@@ -23,18 +24,26 @@ def guest_row():
 
 
 def test_the_destination_listing_an_incoming_guest_does_not_move_it(migrating):
-    inventory.sync_guests(Host.objects.get(name="hostc"), [ARRIVED])
+    inventory.sync_guests(Host.objects.get(name="hostc"), [INCOMING])
     row = guest_row()
     assert (row.host.name, row.domain_id) == ("hostb", GUEST["domain_id"])
 
 
 def test_a_failed_migration_leaves_the_guest_on_its_source_not_on_no_host(migrating):
     hostc = Host.objects.get(name="hostc")
-    inventory.sync_guests(hostc, [ARRIVED])
+    inventory.sync_guests(hostc, [INCOMING])
     migrating.fail("the agent on hostb went away")
     migrating.save()
     inventory.sync_guests(hostc, [])  # the destination dropped its incoming copy
     assert guest_row().host.name == "hostb"  # so no restore can start a second copy
+
+
+def test_a_guest_running_on_the_destination_is_believed_before_the_result(migrating):
+    """The result may be late (a portal restart); the guest must not look homeless."""
+    inventory.sync_guests(Host.objects.get(name="hostc"), [ARRIVED])
+    inventory.sync_guests(Host.objects.get(name="hostb"), [])  # the source let it go
+    row = guest_row()
+    assert (row.host.name, row.domain_id) == ("hostc", 7)
 
 
 def test_once_the_migration_is_over_the_destination_is_believed(migrating):
