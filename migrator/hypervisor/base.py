@@ -250,6 +250,16 @@ class HypervisorDriver(abc.ABC):
     def read_pages(self, uuid: str, indices: Sequence[int] | np.ndarray) -> bytes:
         """The bytes of the given pages, concatenated in the given order."""
 
+    def populate(self, uuid: str, npages: int) -> None:
+        """Make every page of a new, zeroed container exist now (the
+        destination of a migration calls this before any page is written).  This
+        default writes zeros through `write_pages`; a driver that owns the
+        memory can fault it in more cheaply."""
+        zeros = bytes(2048 * PAGE_SIZE)
+        for start in range(0, npages, 2048):
+            idx = np.arange(start, min(start + 2048, npages))
+            self.write_pages(uuid, idx, zeros[:len(idx) * PAGE_SIZE])
+
     def read_pages_into(self, uuid: str, indices: Sequence[int] | np.ndarray,
                         out: bytearray | memoryview) -> memoryview:
         """`read_pages` into ``out`` (at least ``len(indices) * PAGE_SIZE``

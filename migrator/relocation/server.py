@@ -226,14 +226,11 @@ class _Incoming:
         self.chan.send_json(Msg.RESERVED, {"domid": info.domid, "host": self.server.host_name})
 
     def _populate(self) -> None:
-        """Touch every page of the new container once (zeros), so the memory
+        """Make every page of the new container exist (zeroed), so the memory
         really exists before the source commits to sending: a reservation
         that only counts MiB can still fail - or stall - at first touch on an
         overcommitted host.  Xen populates the domain's physmap likewise."""
-        step = MAX_BATCH_PAGES
-        for start in range(0, self.npages, step):
-            idx = np.arange(start, min(start + step, self.npages))
-            self.driver.write_pages(self.uuid, idx, _ZEROS[:len(idx) * PAGE_SIZE])
+        self.driver.populate(self.uuid, self.npages)
 
     def _receive(self) -> None:
         reader = FramePrefetcher(self.chan, self.frame_buffers)

@@ -431,3 +431,24 @@ def test_restore_into_a_reservation(hosts):
     assert dst.capacity().reserved_mib == 8  # kept for a retry
     dst.restore_stream(pieces, reservation_id=res.id)
     assert dst.capacity().reserved_mib == 0 and dst.capacity().used_mib == 8
+
+
+GUEST_UUID = "6f1c2a9e-0b7d-4c1e-9a51-2f7c3d8e4b10"
+
+
+def test_populate_keeps_an_incoming_container_zero_and_writable():
+    driver = SimDriver("hostx", 256)
+    reservation = driver.reserve(GUEST_UUID, 16)
+    info = driver.commit_reservation(reservation.id, GuestSpec(name="incoming", memory_mib=16,
+                                                               vcpus=1, uuid=GUEST_UUID))
+    driver.populate(GUEST_UUID, info.npages)
+    assert driver.read_pages(GUEST_UUID, [0, info.npages - 1]) == bytes(2 * PAGE_SIZE)
+    driver.write_pages(GUEST_UUID, [7], b"\x5a" * PAGE_SIZE)
+    assert driver.read_pages(GUEST_UUID, [7]) == b"\x5a" * PAGE_SIZE
+
+
+def test_populate_refuses_a_guest_that_is_not_a_new_container():
+    driver = SimDriver("hostx", 256)
+    info = driver.create(GuestSpec(name="paused", memory_mib=16, vcpus=1, start=False))
+    with pytest.raises(InvalidRequest):
+        driver.populate(info.uuid, info.npages)
