@@ -85,14 +85,19 @@ def request_save(request, guest_uuid) -> Job:
 
 
 def request_restore(request, image, host_name, idempotency_key="") -> Job:
-    if idempotency_key:
-        earlier = Job.objects.filter(requester=request.user, kind=JobKind.RESTORE,
-                                     idempotency_key=idempotency_key).first()
-        if earlier:
-            return earlier
+    # Permission first: a known key must not reveal an earlier job to a caller
+    # (say, a token of the same user) that may not restore this image.
     if not vault_access.can(request, "restore", image):
         vault_access.require(request, "restore", image)  # audits the refusal and raises
     target = image.target
+    if idempotency_key:
+        earlier = Job.objects.filter(requester=request.user, kind=JobKind.RESTORE,
+                                     idempotency_key=idempotency_key).first()
+        if earlier and earlier.image_id != image.id:
+            _refuse(request, "image.restore", target, 409, "idempotency_key_reused",
+                    "This Idempotency-Key was used for a restore of another image.")
+        if earlier:
+            return earlier
     host = _online_host(request, "image.restore", target,
                         Host.objects.filter(name=host_name).first())
     _check_fits(request, target, image, host)

@@ -120,7 +120,14 @@ def _visible_image_ids(request, target, images):
 def revoke(request, prefix) -> int:
     """Revoke the caller's own token ``prefix``, or, for an admin acting from a
     verified session, anyone's. Unknown (or someone else's, for non-admins): 404."""
-    if APIToken.objects.filter(token_key=prefix, user=request.user).exists():
+    own = APIToken.objects.filter(token_key=prefix, user=request.user).exists()
+    used = getattr(request, "auth", None)
+    if own and used is not None and getattr(used, "token_key", None) != prefix:
+        # A stolen token must not be able to switch off its owner's other tokens.
+        _deny(request, "token.revoke", f"token:{prefix}",
+              "With a token you may revoke only that token; revoke others from a "
+              "signed-in session.")
+    if own:
         return accounts.revoke_token(prefix, user=request.user, request=request)
     if not roles.is_admin(request.user) or not APIToken.objects.filter(token_key=prefix).exists():
         raise TokenRefused(404, "not_found", "No such token.")

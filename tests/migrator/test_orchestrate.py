@@ -1,5 +1,6 @@
 """The checks before a save or restore changes anything, through the API."""
 import pytest
+from django.test import Client
 
 from migrator import inventory
 from migrator.models import Host, Job
@@ -124,6 +125,29 @@ def test_restore_with_an_idempotency_key_returns_the_same_job(admin_client, onli
                                  content_type="application/json", HTTP_IDEMPOTENCY_KEY="abc-1")
     first, second = post(), post()
     assert first.json()["id"] == second.json()["id"] and len(sent) == 1
+
+
+def test_an_idempotency_key_reused_for_another_image_is_409(admin_client, admin_user, online,
+                                                          sent, image):
+    other = store_image(admin_user, b"other" * 1000, **IMAGE_META)
+    for target in (image, other):
+        response = admin_client.post(f"/api/v1/images/{target.id}/restore", {"host": "hostc"},
+                                     content_type="application/json",
+                                     HTTP_IDEMPOTENCY_KEY="abc-2")
+    assert response.status_code == 409
+    assert response.json()["error"] == "idempotency_key_reused" and len(sent) == 1
+
+
+def test_a_known_idempotency_key_does_not_pass_the_permission_check(admin_client, admin_user,
+                                                                    online, sent, image):
+    first = admin_client.post(f"/api/v1/images/{image.id}/restore", {"host": "hostc"},
+                              content_type="application/json", HTTP_IDEMPOTENCY_KEY="abc-3")
+    assert first.status_code == 202
+    _, secret = issue_token(admin_user, ["jobs:read"], days=1)
+    response = Client(HTTP_AUTHORIZATION=f"Token {secret}").post(
+        f"/api/v1/images/{image.id}/restore", {"host": "hostc"},
+        content_type="application/json", HTTP_IDEMPOTENCY_KEY="abc-3")
+    assert response.status_code == 403 and "id" not in response.json()
 
 
 def test_jobs_api_lists_and_aborts(admin_client, online, sent):

@@ -421,3 +421,14 @@ def test_an_admin_token_cannot_manage_grants(private_vault, admin_user):
                          {"user": "alice", "permission": "view"})
     assert response.status_code == 403
     assert AuditRecord.objects.filter(action="image.grant", outcome=Outcome.DENIED).exists()
+
+
+def test_a_token_cannot_revoke_its_owners_other_tokens(admin_user):
+    other, _ = issue_token(admin_user, ["images:read"], days=1)
+    _, secret = issue_token(admin_user, ["jobs:read"], days=1)
+    response = with_token(secret).delete(f"/api/v1/tokens/{other.token_key}")
+    assert response.status_code == 403
+    assert "only that token" in response.json()["detail"]
+    assert APIToken.objects.filter(token_key=other.token_key).exists()
+    assert AuditRecord.objects.filter(action="token.revoke", outcome=Outcome.DENIED,
+                                      target=f"token:{other.token_key}").exists()
