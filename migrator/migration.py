@@ -60,12 +60,13 @@ def _subnet_check(guest, destination):
 
 
 def parameters(live=True, downtime_ms=None, max_rounds=None, max_data_factor=None,
-               auto_converge=None):
+               auto_converge=None, max_seconds=None):
     return {
         "live": bool(live),
         "downtime_ms": downtime_ms or settings.MIGRATION_DOWNTIME_MS,
         "max_rounds": max_rounds or settings.MIGRATION_MAX_ROUNDS,
         "max_data_factor": max_data_factor or settings.MIGRATION_MAX_DATA_FACTOR,
+        "max_seconds": max_seconds or settings.MIGRATION_MAX_SECONDS,
         "auto_converge": settings.MIGRATION_AUTO_CONVERGE if auto_converge is None
         else bool(auto_converge),
     }

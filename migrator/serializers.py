@@ -49,6 +49,9 @@ class MigrateRequestSerializer(serializers.Serializer):
     downtime_ms = serializers.IntegerField(min_value=1, max_value=60000, required=False)
     max_rounds = serializers.IntegerField(min_value=1, max_value=1000, required=False)
     max_data_factor = serializers.FloatField(min_value=1.0, max_value=100.0, required=False)
+    max_seconds = serializers.IntegerField(
+        min_value=1, max_value=86400, required=False,
+        help_text="stop and copy once pre-copy has run this long (checked between rounds)")
     auto_converge = serializers.BooleanField(required=False)
 
 

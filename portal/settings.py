@@ -304,6 +304,8 @@ MIGRATION_DOWNTIME_MS = env_int("MIGRATION_DOWNTIME_MS", 300)
 MIGRATION_MAX_ROUNDS = env_int("MIGRATION_MAX_ROUNDS", 30)
 MIGRATION_MAX_DATA_FACTOR = float(env("MIGRATION_MAX_DATA_FACTOR", "3.0"))
 MIGRATION_AUTO_CONVERGE = env_bool("MIGRATION_AUTO_CONVERGE", True)
+# Pre-copy runs at most this long, then stops and copies (stop reason max_time).
+MIGRATION_MAX_SECONDS = env_int("MIGRATION_MAX_SECONDS", 600)
 
 # --- static files -------------------------------------------------------------
 STATIC_URL = "static/"

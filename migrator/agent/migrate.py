@@ -102,6 +102,7 @@ class MigrateJob(Job):
                 downtime_target_ms=float(params.get("downtime_ms", 300)),
                 max_rounds=int(params.get("max_rounds", 30)),
                 max_data_factor=float(params.get("max_data_factor", 3.0)),
+                max_precopy_s=float(params.get("max_seconds", 0)),
                 auto_converge=bool(params.get("auto_converge", False)),
                 live=bool(params.get("live", True)))
         except (TypeError, ValueError) as exc:

@@ -60,6 +60,7 @@ class MigrationSettings:
     downtime_target_ms: float = 300.0  # QEMU's downtime-limit default
     max_rounds: int = 30               # Xen: 29 iterations + the last one
     max_data_factor: float = 3.0       # Xen's max_factor: stop once 3x memory is sent
+    max_precopy_s: float = 0.0         # stop and copy once pre-copy ran this long (0: no limit)
     min_dirty_pages: int = 50          # Xen: fewer dirty pages than this -> stop
     shrink_ratio: float = 0.5          # a round must halve the dirty set to be worth it
     auto_converge: bool = False
@@ -81,8 +82,15 @@ class MigrationSettings:
             raise ValueError(f"batch_pages must be in 1..{MAX_BATCH_PAGES}")
         if self.max_rounds < 1 or self.max_data_factor < 1 or self.downtime_target_ms < 0:
             raise ValueError("max_rounds >= 1, max_data_factor >= 1, downtime_target_ms >= 0")
+        if self.max_precopy_s < 0:
+            raise ValueError("max_precopy_s >= 0 (0: no limit)")
         if not 0 < self.throttle_initial <= self.throttle_max < 1:
             raise ValueError("0 < throttle_initial <= throttle_max < 1")
+
+
+def past_time_limit(settings: MigrationSettings, started: float) -> bool:
+    """Pre-copy has run for its maximum time (checked between rounds)."""
+    return bool(settings.max_precopy_s) and time.monotonic() - started >= settings.max_precopy_s
 
 
 class MigrationError(Exception):
@@ -278,6 +286,7 @@ class PrecopyMigration:
         self.driver.dirty_log_start(self.uuid)
         self._dirty_log = True
         self._stage_event("pre-copy", destination_domid=self._dest_domid)
+        self._t_precopy = time.monotonic()
         to_send, bandwidth = np.arange(npages, dtype=np.int64), 0.0
         for rnd in range(1, s.max_rounds + 1):
             t, wire0 = time.monotonic(), self._chan.bytes_out
@@ -317,6 +326,8 @@ class PrecopyMigration:
         limit = s.max_data_factor * self._info.npages * PAGE_SIZE
         if self._chan.bytes_out + dirty * PAGE_SIZE > limit:
             return "max_data"
+        if past_time_limit(s, self._t_precopy):
+            return "max_time"
         return None
 
     def _converge(self, sent: int, dirty: int) -> None:

@@ -42,7 +42,7 @@ from typing import Any
 
 from migrator.hypervisor.base import GuestNotFound, HypervisorError
 
-from .precopy import MigrationError, PrecopyMigration, _Aborted
+from .precopy import MigrationError, PrecopyMigration, _Aborted, past_time_limit
 from .protocol import PROTOCOL_VERSION, Msg
 from .server import Refusal, SourceAborted, _Incoming, check_reservation
 
@@ -194,7 +194,7 @@ class QemuMigration(PrecopyMigration):
             self._send_time = max(status.get("total-time", 0) / 1000, 1e-6)
 
     def _enforce_limits(self, status: dict[str, Any]) -> None:
-        """QEMU has no round or data limit: past one, tell it to stop and
+        """QEMU has no round, data or time limit: past one, tell it to stop and
         copy now (the largest downtime-limit always fits)."""
         s, ram = self.settings, status.get("ram") or {}
         if self._forced or status.get("status") != "active":
@@ -202,7 +202,8 @@ class QemuMigration(PrecopyMigration):
         rounds = max(int(ram.get("dirty-sync-count", 1)) - 1, 0)
         limit = s.max_data_factor * self._info.memory_mib * (1 << 20)
         reason = ("max_rounds" if rounds >= s.max_rounds
-                  else "max_data" if self.qemu_bytes + self._last_remaining > limit else None)
+                  else "max_data" if self.qemu_bytes + self._last_remaining > limit
+                  else "max_time" if past_time_limit(s, self._t_send) else None)
         if reason:
             self._stop_reason, self._forced = reason, True
             self.driver.migration_parameters(self.uuid, {"downtime-limit": FORCE_DOWNTIME_MS})

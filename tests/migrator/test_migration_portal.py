@@ -25,6 +25,7 @@ async def test_ticketed_two_step_start_rounds_and_outcome(enrolled, admin_user):
     assert start["action"] == "migrate" and start["ticket"] == expect["ticket"]
     assert start["destination"] == {"host": "hostc", "address": "127.0.0.1", "port": 8002}
     assert start["parameters"]["downtime_ms"] == 20 and start["parameters"]["live"] is True
+    assert start["parameters"]["max_seconds"] == 600  # MIGRATION_MAX_SECONDS' default
     assert (await Job.objects.aget(id=job.id)).pending_ticket == ""
 
     watcher = await jobs_socket(admin_user, f"/ws/jobs/{job.id}/")

@@ -33,3 +33,10 @@ def test_bad_parameters_are_a_clear_refusal(tmp_path):
         job(tmp_path, max_rounds=0)
     with pytest.raises(BadCommand, match="migrate parameters"):
         job(tmp_path, downtime_ms="soon")
+
+
+def test_the_portals_maximum_time_reaches_the_engine(tmp_path):
+    assert job(tmp_path, max_seconds=90).settings.max_precopy_s == 90
+    assert job(tmp_path).settings.max_precopy_s == 0  # an old portal: no limit
+    with pytest.raises(BadCommand, match="migrate parameters"):
+        job(tmp_path, max_seconds=-5)

@@ -43,6 +43,15 @@ def test_max_data_ends_a_migration_that_cannot_converge(storm, source, pki):
     assert result["bytes_ratio"] <= 2.0 + 1.05
 
 
+def test_max_time_ends_a_migration_that_cannot_converge(storm, source, pki):
+    dest, guest = storm
+    result = migration(source, guest.uuid, dest.port, pki, downtime_target_ms=1,
+                       max_rounds=1000, max_data_factor=100, max_precopy_s=0.5).run()
+    assert result["state"] == "succeeded", result["reason"]
+    assert result["stop_reason"] == "max_time" and 1 < result["rounds"] < 1000
+    assert dest.driver.get(guest.uuid).active
+
+
 def test_auto_converge_throttles_the_guest_until_it_fits(storm, source, pki):
     dest, guest = storm
     engine = migration(source, guest.uuid, dest.port, pki, downtime_target_ms=5,
@@ -79,6 +88,6 @@ def test_settings_are_validated():
 
     for bad in ({"verify": "none"}, {"batch_pages": 0}, {"batch_pages": 4096},
                 {"max_rounds": 0}, {"max_data_factor": 0.5}, {"throttle_initial": 0},
-                {"throttle_max": 1.0}):
+                {"throttle_max": 1.0}, {"max_precopy_s": -1}):
         with pytest.raises(ValueError):
             MigrationSettings(**bad)
