@@ -144,6 +144,10 @@ def test_save_restore_migrate_loops_survive_agent_and_portal_restarts(deployment
     assert all(succeeded.values()), (succeeded, history)  # the loops did go round
     print(f"soak: {len(jobs)} jobs, succeeded {succeeded}, history {history}")
 
+    # Agents reconnect with back-off (up to 30 s after a restart), so wait for them.
+    deployment.wait_for(lambda: all(h["online"] for h in
+                                    deployment.get("/api/v1/hosts/")["results"]),
+                        "both agents back after the soak", timeout=90)
     for loop in loops:  # a guest left saved runs again, for the check below
         if guest_by_uuid(deployment, loop.uuid)["host"] is None:
             job = deployment.api.post(f"/api/v1/images/{loop.image}/restore",
