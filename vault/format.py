@@ -3,6 +3,9 @@
 A 64-byte header, then length-prefixed chunk records, each sealed with the image's
 data key (DEK) under a STREAM nonce (prefix, counter, last flag) with the header as
 associated data. The DEK is wrapped by a versioned master key in a separate envelope.
+This module has the header, the envelope and whole images (encoder, writer, reader,
+decoder); one chunk's record (body, zero-page bitmap, zstd, seal) is ``vault.chunks``,
+whose errors (and the constants both share) are importable from here too.
 Django-free on purpose: the host agent and tools use it without the portal.
 """
 from __future__ import annotations
@@ -17,10 +20,26 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO
 
-import numpy as np
-import zstandard
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+
+from vault.chunks import (
+    HEADER_TAG_FLAG,
+    MAX_CHUNKS,
+    PAGE_SIZE,
+    RECORD_LEN,
+    TAG_SIZE,
+    ChunkCipher,
+    FormatError,
+    TrailingData,
+    TruncatedImage,
+    record_length,
+    stream_nonce,
+)
+
+# Part of this module's interface too ("as" marks the re-export): callers catch
+# vault.format's errors without knowing which module raises them.
+from vault.chunks import TamperedChunk as TamperedChunk
 
 FORMAT_VERSION = 1
 ENVELOPE_VERSION = 1
@@ -30,34 +49,21 @@ ALG_AES_256_GCM = 1
 ALG_CHACHA20_POLY1305 = 2
 ALGORITHMS = {ALG_AES_256_GCM: AESGCM, ALG_CHACHA20_POLY1305: ChaCha20Poly1305}
 FLAG_ZSTD = 0x0001  # header flags bit 0: chunks may be zstd-compressed
-CHUNK_ZSTD = 0x01  # chunk body flags bit 0: this chunk's page data is zstd-compressed
 
-PAGE_SIZE = 4096
 KEY_SIZE = 32
-TAG_SIZE = 16
 NONCE_PREFIX_SIZE = 7
 HEADER_SIZE = 64
 DEFAULT_CHUNK_SIZE = 1 << 20
 MIN_CHUNK_SIZE = 1 << 20  # smaller chunks only with allow_small_chunks=True (tests)
 MAX_CHUNK_SIZE = 64 << 20  # bounds what a reader ever allocates for one record
-MAX_CHUNKS = 1 << 32  # the counter is a u32
-ZSTD_LEVEL = 1  # writer choice, not part of the format: ~1.5x faster than 3, ~10% larger
 
 # magic, version, algorithm, flags, image id, chunk size, nonce prefix; then reserved, tag
 _HEADER = struct.Struct(">8sBBH16sI7s")
 _HEADER_TAG_AT = 48
 _RESERVED = bytes(_HEADER_TAG_AT - _HEADER.size)
-_NONCE_TAIL = struct.Struct(">IB")  # chunk counter, last-chunk flag
-_HEADER_TAG_FLAG = 0x02  # flag byte of the header tag's nonce; chunks use 0x00 / 0x01
-_BODY_HEAD = struct.Struct(">BI")  # chunk flags, plaintext length
-_LEN = struct.Struct(">I")
 # magic, version, key version, image id; then nonce and wrapped key
 _ENVELOPE = struct.Struct(">8sBI16s")
 ENVELOPE_SIZE = _ENVELOPE.size + 12 + KEY_SIZE + TAG_SIZE
-
-
-class FormatError(Exception):
-    """The bytes are not a valid, authentic Berth image (or envelope)."""
 
 
 class BadHeader(FormatError):
@@ -74,23 +80,6 @@ class EnvelopeMismatch(BadEnvelope):
 
 class WrongKey(FormatError):
     """The master key does not unwrap the envelope (wrong key, or envelope/header altered)."""
-
-
-class TamperedChunk(FormatError):
-    """A chunk failed authentication: altered, reordered, duplicated or missing."""
-
-    def __init__(self, index: int, reason: str = "failed authentication"):
-        super().__init__(f"chunk {index} {reason} (altered, reordered, duplicated or "
-                         f"dropped chunk)")
-        self.index = index
-
-
-class TruncatedImage(FormatError):
-    """The image ends before its final chunk."""
-
-
-class TrailingData(FormatError):
-    """Bytes follow the image's final chunk."""
 
 
 @dataclass(frozen=True)
@@ -142,7 +131,7 @@ def _check_chunk_size(chunk_size: int, *, allow_small: bool) -> None:
 
 
 def _header_tag_nonce(prefix: bytes) -> bytes:
-    return prefix + _NONCE_TAIL.pack(0, _HEADER_TAG_FLAG)
+    return stream_nonce(prefix, 0, HEADER_TAG_FLAG)
 
 
 # --- header ----------------------------------------------------------------------------------
@@ -251,184 +240,25 @@ def envelope_key_version(envelope: bytes) -> int:
     return _parse_envelope(envelope)[0]
 
 
-# --- chunk bodies ----------------------------------------------------------------------------
+# --- the chunk cipher -----------------------------------------------------------------------
 
-def _encode_body(chunk, cctx) -> tuple[bytes | bytearray, int]:
-    """Chunk plaintext -> (body, zero pages): flags, length, zero-page bitmap, page data."""
-    n = len(chunk)
-    full, tail = divmod(n, PAGE_SIZE)
-    data = np.frombuffer(chunk, np.uint8)
-    pages = data[:full * PAGE_SIZE].reshape(full, PAGE_SIZE)
-    # u64 lanes make the all-zero test ~2x faster than byte lanes.
-    keep = pages.view(np.uint64).any(axis=1)
-    if tail:
-        keep = np.append(keep, data[full * PAGE_SIZE:].any())
-    zero_pages = len(keep) - int(np.count_nonzero(keep))
-    bitmap = np.packbits(~keep).tobytes()
-    head = _BODY_HEAD.size + len(bitmap)
-    keep_full = keep[:full]
-    kept = int(np.count_nonzero(keep_full))
-    tail_len = tail if tail and keep[-1] else 0
-    body = bytearray(head + kept * PAGE_SIZE + tail_len)
-    _BODY_HEAD.pack_into(body, 0, 0, n)
-    body[_BODY_HEAD.size:head] = bitmap
-    if zero_pages == 0:
-        body[head:] = chunk
-    elif kept or tail_len:
-        out = np.frombuffer(body, np.uint8)
-        # Gather the non-zero pages straight into the body: no intermediate copy.
-        np.compress(keep_full, pages, axis=0,
-                    out=out[head:head + kept * PAGE_SIZE].reshape(kept, PAGE_SIZE))
-        if tail_len:
-            out[head + kept * PAGE_SIZE:] = data[full * PAGE_SIZE:]
-        del out
-    if cctx is not None and len(body) > head:
-        packed = cctx.compress(memoryview(body)[head:])
-        if len(packed) < len(body) - head:
-            body = b"".join((_BODY_HEAD.pack(CHUNK_ZSTD, n), bitmap, packed))
-    return body, zero_pages
+def _chunk_cipher(info: Header, dek: bytes) -> ChunkCipher:
+    _check_key(dek, "data key")
+    return ChunkCipher(ALGORITHMS[info.algorithm](bytes(dek)), header=info.raw,
+                       nonce_prefix=info.nonce_prefix, chunk_size=info.chunk_size,
+                       zstd=bool(info.flags & FLAG_ZSTD))
 
 
-def _decode_body(body: bytes, index: int, final: bool, info: Header,
-                 dctx) -> tuple[bytes, int]:
-    """Authenticated body -> (plaintext, zero pages). Checks bind a buggy writer too."""
-    def bad(reason):
-        return TamperedChunk(index, f"is malformed: {reason}")
-
-    if len(body) < _BODY_HEAD.size:
-        raise bad("short body")
-    flags, n = _BODY_HEAD.unpack_from(body)
-    if flags & ~CHUNK_ZSTD or (flags & CHUNK_ZSTD and not info.flags & FLAG_ZSTD):
-        raise bad(f"unexpected flags {flags:#04x}")
-    if n > info.chunk_size or (not final and n != info.chunk_size):
-        raise bad(f"plaintext length {n}")
-    full, tail = divmod(n, PAGE_SIZE)
-    npages = full + (1 if tail else 0)
-    head = _BODY_HEAD.size + (npages + 7) // 8
-    if len(body) < head:
-        raise bad("short bitmap")
-    bits = np.unpackbits(np.frombuffer(body, np.uint8, head - _BODY_HEAD.size, _BODY_HEAD.size))
-    if bits[npages:].any():
-        raise bad("bitmap padding bits set")
-    keep = bits[:npages] == 0
-    kept = int(np.count_nonzero(keep[:full]))
-    tail_len = tail if tail and keep[-1] else 0
-    expected = kept * PAGE_SIZE + tail_len
-    data = memoryview(body)[head:]
-    if flags & CHUNK_ZSTD:
-        data = _decompress(dctx, data, expected, bad)
-    if len(data) != expected:
-        raise bad(f"{len(data)} bytes of page data, expected {expected}")
-    zero_pages = npages - kept - (1 if tail_len else 0)
-    if zero_pages == 0:
-        return bytes(data), 0
-    if expected == 0:
-        return bytes(n), zero_pages
-    return b"".join(_page_runs(keep, full, tail, memoryview(data))), zero_pages
-
-
-def _page_runs(keep, full: int, tail: int, data: memoryview) -> list:
-    """The plaintext as pieces: runs of kept pages from ``data``, runs of zero pages.
-
-    ``bytes.join`` of these builds the chunk in one pass, without a zero-filled
-    buffer or a second copy.
-    """
-    zeros = _zeros(full * PAGE_SIZE + tail)
-    pieces, pos = [], 0
-    if full:
-        flags = keep[:full]
-        edges = (np.flatnonzero(flags[1:] != flags[:-1]) + 1).tolist()
-        for start, end, kept in zip([0, *edges], [*edges, full], flags[[0, *edges]].tolist(),
-                                    strict=True):
-            length = (end - start) * PAGE_SIZE
-            if kept:
-                pieces.append(data[pos:pos + length])
-                pos += length
-            else:
-                pieces.append(zeros[:length])
-    if tail:
-        pieces.append(data[pos:pos + tail] if keep[-1] else zeros[:tail])
-    return pieces
-
-
-_zero_block = memoryview(b"")
-_zero_lock = threading.Lock()
-
-
-def _zeros(n: int) -> memoryview:
-    """At least ``n`` zero bytes, shared (read-only), grown to the largest chunk seen."""
-    global _zero_block
-    with _zero_lock:
-        if len(_zero_block) < n:
-            _zero_block = memoryview(bytes(n))
-        return _zero_block
-
-
-def _decompress(dctx, data, expected: int, bad):
-    # The writer always records the content size; checking it first means a
-    # bogus frame can never make us allocate more than one chunk.
+def _reading_cipher(info: Header, dek: bytes) -> ChunkCipher:
+    """The chunk cipher, once the header's tag proves the header and the data key."""
+    cipher = _chunk_cipher(info, dek)
     try:
-        if zstandard.frame_content_size(data) != expected:
-            raise bad("zstd frame size differs from the bitmap")
-        return dctx.decompress(data)
-    except zstandard.ZstdError as exc:
-        raise bad(f"zstd: {exc}") from None
-
-
-# --- sealing and opening chunks --------------------------------------------------------------
-
-class _Cipher:
-    """One image's AEAD: STREAM nonces, the header as associated data."""
-
-    def __init__(self, info: Header, dek: bytes):
-        _check_key(dek, "data key")
-        self.info = info
-        self.aead = ALGORITHMS[info.algorithm](bytes(dek))
-        self.dctx = zstandard.ZstdDecompressor()
-
-    def nonce(self, index: int, final: bool) -> bytes:
-        return self.info.nonce_prefix + _NONCE_TAIL.pack(index, 1 if final else 0)
-
-    def check_header_tag(self) -> None:
-        raw = self.info.raw
-        try:
-            self.aead.decrypt(_header_tag_nonce(self.info.nonce_prefix),
-                              raw[_HEADER_TAG_AT:], raw[:_HEADER_TAG_AT])
-        except InvalidTag:
-            raise BadHeader("header does not authenticate under this data key (altered, "
-                            "swapped from another image, or wrong data key)") from None
-
-    def open(self, index: int, ct, final: bool) -> tuple[bytes, int]:
-        """Authenticate and decode chunk ``index``; ``final``: nothing follows it."""
-        if index >= MAX_CHUNKS:
-            raise TrailingData(f"more than {MAX_CHUNKS} chunks")
-        try:
-            body = self.aead.decrypt(self.nonce(index, final), ct, self.info.raw)
-        except InvalidTag:
-            raise self._diagnose(index, ct, final) from None
-        return _decode_body(body, index, final, self.info, self.dctx)
-
-    def _diagnose(self, index: int, ct, final: bool) -> FormatError:
-        # Authentic with the other last-flag: the stream was cut right after a
-        # non-final chunk, or goes on after the final one. Its plaintext is not
-        # released either way.
-        try:
-            self.aead.decrypt(self.nonce(index, not final), ct, self.info.raw)
-        except InvalidTag:
-            return TamperedChunk(index)
-        if final:
-            return TruncatedImage(f"image ends after chunk {index}, which is not the final "
-                                  "chunk (truncated at a record boundary)")
-        return TrailingData(f"data follows the final chunk {index}")
-
-
-def _record_length(index: int, prefix: bytes, chunk_size: int) -> int:
-    (n,) = _LEN.unpack(prefix)
-    # Never allocate on an unchecked length: no valid record is outside these bounds.
-    longest = _BODY_HEAD.size + (chunk_size // PAGE_SIZE + 7) // 8 + chunk_size + TAG_SIZE
-    if not _BODY_HEAD.size + TAG_SIZE <= n <= longest:
-        raise TamperedChunk(index, f"has an impossible record length {n}")
-    return n
+        cipher.aead.decrypt(_header_tag_nonce(info.nonce_prefix), info.raw[_HEADER_TAG_AT:],
+                            info.raw[:_HEADER_TAG_AT])
+    except InvalidTag:
+        raise BadHeader("header does not authenticate under this data key (altered, "
+                        "swapped from another image, or wrong data key)") from None
+    return cipher
 
 
 class _Digest:
@@ -499,8 +329,7 @@ class ChunkEncoder:
         aead = ALGORITHMS[algorithm](bytes(dek))
         self.header = _build_header(aead, algorithm, FLAG_ZSTD if compress else 0,
                                     _uuid_bytes(image_id), chunk_size, prefix)
-        self._cipher = _Cipher(parse_header(self.header), dek)
-        self._cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL) if compress else None
+        self._cipher = _chunk_cipher(parse_header(self.header), dek)
         self._buf = bytearray(chunk_size)
         self._fill = 0
         self._index = 0
@@ -555,16 +384,7 @@ class ChunkEncoder:
         return [record]
 
     def _seal(self, chunk, final: bool, hashed: bool = False) -> bytearray:
-        # The final chunk needs its own counter value, so a non-final chunk may
-        # not take the last one.
-        if self._index >= MAX_CHUNKS - (0 if final else 1):
-            raise OverflowError("image too large: chunk counter exhausted")
-        body, zero_pages = _encode_body(chunk, self._cctx)
-        record = bytearray(_LEN.size + len(body) + TAG_SIZE)
-        _LEN.pack_into(record, 0, len(body) + TAG_SIZE)
-        # Sealed straight into the record after its length: no concatenation.
-        self._cipher.aead.encrypt_into(self._cipher.nonce(self._index, final), body,
-                                       self.header, memoryview(record)[_LEN.size:])
+        record, zero_pages = self._cipher.seal(self._index, chunk, final)
         self._index += 1
         if not hashed:
             self._digest.sha.update(chunk)
@@ -616,8 +436,7 @@ class ImageReader:
         self._f, self._base = f, f.tell()
         self.header = read_header(f)
         self.info = parse_header(self.header)
-        self._cipher = _Cipher(self.info, dek)
-        self._cipher.check_header_tag()
+        self._cipher = _reading_cipher(self.info, dek)
         self._offsets: list[int] | None = None
         self._size = 0
 
@@ -626,11 +445,11 @@ class ImageReader:
         return self._f.read(n)
 
     def _record_at(self, pos: int, index: int) -> bytes:
-        prefix = self._read_at(pos, _LEN.size)
-        if len(prefix) < _LEN.size:
+        prefix = self._read_at(pos, RECORD_LEN.size)
+        if len(prefix) < RECORD_LEN.size:
             raise TruncatedImage(f"image ends before chunk {index}")
-        n = _record_length(index, prefix, self.info.chunk_size)
-        ct = self._read_at(pos + _LEN.size, n)
+        n = record_length(index, prefix, self.info.chunk_size)
+        ct = self._read_at(pos + RECORD_LEN.size, n)
         if len(ct) < n:
             raise TruncatedImage(f"image ends inside chunk {index}")
         return ct
@@ -640,11 +459,11 @@ class ImageReader:
         pos = self._base + HEADER_SIZE
         for index in range(MAX_CHUNKS + 1):
             ct = self._record_at(pos, index)
-            pos += _LEN.size + len(ct)
+            pos += RECORD_LEN.size + len(ct)
             # Whether anything follows decides which last-flag the chunk must carry.
             last = not self._read_at(pos, 1)
             plain, zero_pages = self._cipher.open(index, ct, last)
-            yield plain, _LEN.size + len(ct), zero_pages
+            yield plain, RECORD_LEN.size + len(ct), zero_pages
             if last:
                 return
 
@@ -669,10 +488,10 @@ class ImageReader:
                 if len(offsets) >= MAX_CHUNKS:
                     raise TrailingData(f"more than {MAX_CHUNKS} chunks")
                 offsets.append(pos)
-                prefix = self._read_at(pos, _LEN.size)
-                if len(prefix) < _LEN.size:
+                prefix = self._read_at(pos, RECORD_LEN.size)
+                if len(prefix) < RECORD_LEN.size:
                     raise TruncatedImage(f"image ends before chunk {len(offsets) - 1}")
-                pos += _LEN.size + _record_length(len(offsets) - 1, prefix,
+                pos += RECORD_LEN.size + record_length(len(offsets) - 1, prefix,
                                                   self.info.chunk_size)
             if pos > end:
                 raise TruncatedImage(f"image ends inside chunk {len(offsets) - 1}")
@@ -737,7 +556,7 @@ class ChunkDecoder:
     def __init__(self, dek: bytes, *, header: bytes | None = None):
         self._dek = bytes(dek)
         _check_key(self._dek, "data key")
-        self._cipher: _Cipher | None = None
+        self._cipher: ChunkCipher | None = None
         self._buf = bytearray()
         self._pending: bytes | None = None
         self._index = 0
@@ -749,12 +568,10 @@ class ChunkDecoder:
 
     @property
     def header(self) -> bytes | None:
-        return self._cipher.info.raw if self._cipher else None
+        return self._cipher.header if self._cipher else None
 
     def _start(self, raw: bytes) -> None:
-        cipher = _Cipher(parse_header(raw), self._dek)
-        cipher.check_header_tag()
-        self._cipher = cipher
+        self._cipher = _reading_cipher(parse_header(raw), self._dek)
 
     def feed(self, data) -> list[bytes]:
         if self.stats is not None and len(data):
@@ -785,14 +602,14 @@ class ChunkDecoder:
         while True:
             if self._pending is not None and self._buf:
                 out.append(self._open(final=False))  # more bytes follow it: not final
-            if len(self._buf) < _LEN.size:
+            if len(self._buf) < RECORD_LEN.size:
                 return out
-            n = _record_length(self._index, bytes(self._buf[:_LEN.size]),
-                               self._cipher.info.chunk_size)
-            if len(self._buf) < _LEN.size + n:
+            n = record_length(self._index, bytes(self._buf[:RECORD_LEN.size]),
+                               self._cipher.chunk_size)
+            if len(self._buf) < RECORD_LEN.size + n:
                 return out
-            self._pending = bytes(self._buf[_LEN.size:_LEN.size + n])
-            del self._buf[:_LEN.size + n]
+            self._pending = bytes(self._buf[RECORD_LEN.size:RECORD_LEN.size + n])
+            del self._buf[:RECORD_LEN.size + n]
 
     def _finish(self) -> list[bytes]:
         if self._cipher is None or self._buf or self._pending is None:
@@ -806,5 +623,5 @@ class ChunkDecoder:
         ct, self._pending = self._pending, None
         plain, zero_pages = self._cipher.open(self._index, ct, final)
         self._index += 1
-        self._digest.add(plain, _LEN.size + len(ct), zero_pages)
+        self._digest.add(plain, RECORD_LEN.size + len(ct), zero_pages)
         return plain

@@ -1,5 +1,6 @@
 """vault.format: round trips, tamper detection, random access, space, test vectors.
 
+One record's body and seal on their own (vault.chunks): tests/vault/test_chunks.py.
 The module under test is Django-free and so is this file; it runs under the
 project's pytest setup, or alone with
 ``pytest --noconftest -p no:django tests/vault/test_format.py``.
@@ -373,44 +374,6 @@ def test_decoder_accepts_a_header_read_separately(stored):
     header, records = stored
     decoder = vf.ChunkDecoder(DEK, header=header)
     assert b"".join(decoder.feed(b"".join(records)) + decoder.finish()) == DATA
-
-
-# --- authentic but malformed bodies: checks that hold even against a buggy writer ---------
-
-def spec_seal(header: bytes, dek: bytes, index: int, final: bool, body: bytes) -> bytes:
-    """A record built from the spec alone (not vault.format): nonce, AAD, framing."""
-    alg, prefix = header[9], header[32:39]
-    aead = {1: AESGCM, 2: ChaCha20Poly1305}[alg](dek)
-    ct = aead.encrypt(prefix + struct.pack(">IB", index, int(final)), body, header)
-    return struct.pack(">I", len(ct)) + ct
-
-
-@pytest.mark.parametrize(("body", "reason"), [
-    (struct.pack(">BI", 0, 100) + b"\x00" + b"x" * 100, "plaintext length"),  # not final
-    (struct.pack(">BI", 2, CS) + b"\x00" + b"x" * CS, "flags"),
-    (struct.pack(">BI", 1, CS) + b"\x00" + zstandard.compress(b"x" * CS), "flags"),
-    (struct.pack(">BI", 0, CS) + b"\x01" + b"x" * CS, "padding"),
-    (struct.pack(">BI", 0, CS) + b"\x40" + b"x" * CS, "page data"),
-    (struct.pack(">BI", 0, CS), "short bitmap"),
-])
-def test_authentic_but_malformed_chunk_is_rejected(body, reason):
-    raw, _ = encode(b"", compress=False)
-    header = raw[:vf.HEADER_SIZE]
-    image = header + spec_seal(header, DEK, 0, False, body) + spec_seal(
-        header, DEK, 1, True, struct.pack(">BI", 0, 0))
-    got, exc = read_all(image)
-    assert got == [] and isinstance(exc, vf.TamperedChunk) and reason in str(exc)
-
-
-def test_chunk_sealed_by_the_spec_is_accepted():
-    raw, _ = encode(b"", compress=True)
-    header = raw[:vf.HEADER_SIZE]
-    page = (TEXT * 100)[:PAGE]
-    body0 = struct.pack(">BI", 1, CS) + b"\x40" + zstandard.compress(page)  # page 1 zero
-    final = struct.pack(">BI", 0, 10) + b"\x00" + b"0123456789"
-    image = header + spec_seal(header, DEK, 0, False, body0) + spec_seal(
-        header, DEK, 1, True, final)
-    assert read_all(image) == ([page + bytes(PAGE), b"0123456789"], None)
 
 
 # --- key envelopes ---------------------------------------------------------------------------
