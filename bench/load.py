@@ -45,6 +45,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tests.support.polling import wait_for  # noqa: E402
+
 MiB = 1024 * 1024
 SHARED = "hosta:/xen-storage"
 HOSTS = ("load1", "load2", "load3", "load4")
@@ -53,6 +55,7 @@ SCOPES = ("guests:read", "guests:save", "guests:migrate", "images:read", "images
 LISTS = ("/api/v1/images/", "/api/v1/audit/", "/api/v1/jobs/", "/api/v1/guests/")
 TARGETS = {"watcher_p99_ms": 250, "list_p95_ms": 50}
 FINAL = ("succeeded", "failed", "aborted")
+POLL_S = 0.25  # the portal under measurement is asked less often than in the tests
 
 
 def percentile(values, q):
@@ -228,15 +231,6 @@ class Api:
                 return {j["id"]: j for j in jobs}
             page += 1
 
-    def wait_until(self, check, what, timeout=120):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            result = check()
-            if result:
-                return result
-            time.sleep(0.25)
-        raise RuntimeError(f"timed out waiting for {what}")
-
     def guests(self):
         return {g["name"]: g for g in self.get("/api/v1/guests/")["results"]}
 
@@ -323,8 +317,8 @@ def watchers_phase(portal, api, agents, cookie, count, live_settings, deflate=Tr
     connect_s, results = asyncio.run(watch_all(portal, job["id"], cookie, count, release,
                                                timeout=180, deflate=deflate))
     cpu["end"] = cpu_now()
-    final = api.wait_until(lambda: (j := api.get(f"/api/v1/jobs/{job['id']}"))["state"]
-                           in FINAL and j, "the migration to end")
+    final = wait_for(lambda: (j := api.get(f"/api/v1/jobs/{job['id']}"))["state"] in FINAL
+                     and j, "the migration to end", 120, POLL_S)
     report = judge_watchers(final, results, connect_s, load_before)
     report["permessage_deflate"] = deflate
     # CPU, unlike latency, does not depend on what else the machine runs.
@@ -424,7 +418,7 @@ def saves_and_restores(api, count):
                 restores[restore["id"]] = job_id
         if all(job_id in done for job_id in [*saves, *restores]):
             break
-        time.sleep(0.25)
+        time.sleep(POLL_S)
     wall = time.monotonic() - t
     return judge_saves(saves, restores, done, count, wall, load_before)
 
@@ -523,8 +517,8 @@ def run(args, work: Path, database: str) -> dict:
         portal.start()
         agents = Agents(configs, portal.env, data_dir)
         api = Api(portal.url, token)
-        api.wait_until(lambda: sum(h["online"] for h in api.get("/api/v1/hosts/")["results"])
-                       == len(HOSTS), "four hosts online", 60)
+        wait_for(lambda: sum(h["online"] for h in api.get("/api/v1/hosts/")["results"])
+                 == len(HOSTS), "four hosts online", 60, POLL_S)
         cookie = session_cookie(portal.url, "auditor", passwords["auditor"])
         live = {"downtime_ms": args.downtime_ms}
         report["watchers"] = watchers_phase(portal, api, agents, cookie, args.watchers, live,

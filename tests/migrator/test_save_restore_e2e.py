@@ -3,13 +3,13 @@ import hashlib
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
 import numpy as np
 import pytest
 
 from migrator.hypervisor.savestream import SaveStreamParser
+from tests.support.polling import wait_for
 from tests.support.server import ROOT, PortalServer, free_port, manage
 
 SCOPES = ["guests:read", "guests:save", "guests:migrate", "images:read", "images:download",
@@ -68,13 +68,7 @@ class Deployment:
         return response.json()
 
     def wait_for(self, check, what, timeout=60):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            result = check()
-            if result:
-                return result
-            time.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what}")
+        return wait_for(check, what, timeout)
 
     def guest(self, name):
         guests = self.get("/api/v1/guests/")["results"]
