@@ -8,49 +8,19 @@ Playwright never downloads a browser here: it drives the system Chromium.
 import base64
 import hashlib
 import hmac
-import os
 import struct
 import time
-from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from tests.migrator.test_save_restore_e2e import Deployment
-from tests.support.server import ROOT
+from tests.support.browser_pages import ADMIN_PASSWORD, AUDITOR_PASSWORD, shot, sign_in
 
-playwright_api = pytest.importorskip("playwright.sync_api")
+pytest.importorskip("playwright.sync_api")
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = os.environ.get("BERTH_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
-ARTIFACTS = ROOT / "test-artifacts" / "browser"
-ADMIN_PASSWORD = "browser-admin-pass-1234"
-AUDITOR_PASSWORD = "browser-auditor-pass-1234"
-TIMEOUT_MS = 30_000
 JOB_TIMEOUT_MS = 90_000
-
-# Records, in the page itself, what the job page showed when it was served and every
-# change its script makes afterwards: a reload starts a fresh window and loses all of it.
-WATCH_JOB_PAGE = """
-document.addEventListener("DOMContentLoaded", function () {
-  var state = document.getElementById("job-state");
-  var bar = document.querySelector("#job-progress > span");
-  if (!state || !bar) return;
-  window.__berth = {served: {state: state.textContent.trim(), width: bar.dataset.width + "%"},
-                    widths: [], states: []};
-  new MutationObserver(function () {
-    var seen = window.__berth;
-    if (seen.widths[seen.widths.length - 1] !== bar.style.width) seen.widths.push(bar.style.width);
-    var s = state.textContent.trim();
-    if (seen.states[seen.states.length - 1] !== s) seen.states.push(s);
-  }).observe(document.getElementById("job-live"),
-             {subtree: true, attributes: true, childList: true, characterData: true});
-});
-"""
 
 LIVE_SUCCESS = """() => {
   const seen = window.__berth;
@@ -73,65 +43,6 @@ def totp(secret_b32: str, step: int, digits: int = 6) -> str:
 
 def now_step() -> int:
     return int(time.time()) // 30
-
-
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory):
-    system = Deployment(tmp_path_factory.mktemp("berth-browser"))
-    system.portal.env.update({"BERTH_REQUIRE_2FA": "1",
-                              "BERTH_DEMO_ADMIN_PASSWORD": ADMIN_PASSWORD,
-                              "BERTH_DEMO_AUDITOR_PASSWORD": AUDITOR_PASSWORD})
-    try:
-        system.start()
-        yield system
-    finally:
-        system.stop()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
-    with playwright_api.sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
-                                     timeout=TIMEOUT_MS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
-
-
-class Watched:
-    """A page, and what went wrong in it: script errors and failed requests."""
-
-    def __init__(self, browser, deployment):
-        self.context = browser.new_context(base_url=deployment.portal.url,
-                                           viewport={"width": 1280, "height": 900})
-        self.context.set_default_timeout(TIMEOUT_MS)
-        self.context.set_default_navigation_timeout(TIMEOUT_MS)
-        self.context.add_init_script(WATCH_JOB_PAGE)
-        self.page = self.context.new_page()
-        self.errors, self.navigations = [], []
-        self.page.on("pageerror", lambda error: self.errors.append(f"script: {error}"))
-        self.page.on("response", lambda r: r.status >= 400 and not r.url.endswith(
-            "/favicon.ico") and self.errors.append(f"{r.status} {r.request.method} {r.url}"))
-        self.page.on("framenavigated", lambda frame: frame == self.page.main_frame
-                     and self.navigations.append(frame.url))
-
-    def close(self):
-        self.context.close()
-
-
-def shot(page, name):
-    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
-
-
-def sign_in(page, username, password):
-    page.goto("/login/")
-    page.fill("#id_username", username)
-    page.fill("#id_password", password)
-    page.click("button[type=submit]:has-text('Sign in')")
 
 
 def watch_job_to_success(watched, name):
@@ -157,14 +68,10 @@ def watch_job_to_success(watched, name):
     return seen, job_url.rstrip("/").rsplit("/", 1)[1]
 
 
-def test_admin_with_second_factor_saves_restores_and_migrates(browser, deployment):
-    name = "admin"
-    watched = Watched(browser, deployment)
-    page = watched.page
-    try:
+def test_admin_with_second_factor_saves_restores_and_migrates(signed_in, deployment):
+    with signed_in("admin", ADMIN_PASSWORD) as watched:
+        page = watched.page
         # Password first: an admin without an authenticator is told to set one up.
-        sign_in(page, "admin", ADMIN_PASSWORD)
-        page.wait_for_url(deployment.portal.url + "/")
         assert "Admin actions need a second factor" in page.inner_text("main")
 
         # Enrol: the otpauth URL under "Can't scan?" carries the base32 secret.
@@ -228,29 +135,13 @@ def test_admin_with_second_factor_saves_restores_and_migrates(browser, deploymen
         assert page.locator("#rounds-chart rect").count() >= 1
         shot(page, "10-migrate-chart")
         assert deployment.guest("debian_etch")["host"] == "hostc"
-        assert watched.errors == []
-    except Exception:
-        shot(page, f"failed-{name}")
-        raise
-    finally:
-        watched.close()
 
 
-def test_auditor_verifies_the_chain(browser, deployment):
-    name = "auditor"
-    watched = Watched(browser, deployment)
-    page = watched.page
-    try:
-        sign_in(page, "auditor", AUDITOR_PASSWORD)
-        page.wait_for_url(deployment.portal.url + "/")
+def test_auditor_verifies_the_chain(signed_in):
+    with signed_in("auditor", AUDITOR_PASSWORD) as watched:
+        page = watched.page
         page.goto("/audit/")
         page.click("button:has-text('Verify chain')")
         message = page.wait_for_selector("p.msg-success:has-text('Chain intact')")
         assert "records verified" in message.inner_text()
         shot(page, "11-audit-verified")
-        assert watched.errors == []
-    except Exception:
-        shot(page, f"failed-{name}")
-        raise
-    finally:
-        watched.close()

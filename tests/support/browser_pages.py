@@ -1,0 +1,86 @@
+"""Portal pages in a real browser (Playwright's sync API), for tests/browser.
+
+A ``Watched`` page records what went wrong in it (script errors, failed requests)
+and what the job page's script did; ``signed_in`` is the sign-in every browser
+test starts with. Imports nothing from Playwright: the fixtures hand it a browser.
+"""
+from contextlib import contextmanager
+
+from tests.support.server import ROOT
+
+ARTIFACTS = ROOT / "test-artifacts" / "browser"
+TIMEOUT_MS = 30_000
+ADMIN_PASSWORD = "browser-admin-pass-1234"  # the deployment fixture's demo accounts
+AUDITOR_PASSWORD = "browser-auditor-pass-1234"
+
+# Records, in the page itself, what the job page showed when it was served and every
+# change its script makes afterwards: a reload starts a fresh window and loses all of it.
+WATCH_JOB_PAGE = """
+document.addEventListener("DOMContentLoaded", function () {
+  var state = document.getElementById("job-state");
+  var bar = document.querySelector("#job-progress > span");
+  if (!state || !bar) return;
+  window.__berth = {served: {state: state.textContent.trim(), width: bar.dataset.width + "%"},
+                    widths: [], states: []};
+  new MutationObserver(function () {
+    var seen = window.__berth;
+    if (seen.widths[seen.widths.length - 1] !== bar.style.width) seen.widths.push(bar.style.width);
+    var s = state.textContent.trim();
+    if (seen.states[seen.states.length - 1] !== s) seen.states.push(s);
+  }).observe(document.getElementById("job-live"),
+             {subtree: true, attributes: true, childList: true, characterData: true});
+});
+"""
+
+
+class Watched:
+    """A page, and what went wrong in it: script errors and failed requests."""
+
+    def __init__(self, browser, base_url):
+        self.context = browser.new_context(base_url=base_url,
+                                           viewport={"width": 1280, "height": 900})
+        self.context.set_default_timeout(TIMEOUT_MS)
+        self.context.set_default_navigation_timeout(TIMEOUT_MS)
+        self.context.add_init_script(WATCH_JOB_PAGE)
+        self.page = self.context.new_page()
+        self.errors, self.navigations = [], []
+        self.page.on("pageerror", lambda error: self.errors.append(f"script: {error}"))
+        self.page.on("response", lambda r: r.status >= 400 and not r.url.endswith(
+            "/favicon.ico") and self.errors.append(f"{r.status} {r.request.method} {r.url}"))
+        self.page.on("framenavigated", lambda frame: frame == self.page.main_frame
+                     and self.navigations.append(frame.url))
+
+    def close(self):
+        self.context.close()
+
+
+def shot(page, name):
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def sign_in(page, username, password):
+    """Submit the login form (what follows depends on the account: dashboard, 2FA)."""
+    page.goto("/login/")
+    page.fill("#id_username", username)
+    page.fill("#id_password", password)
+    page.click("button[type=submit]:has-text('Sign in')")
+
+
+@contextmanager
+def signed_in(browser, base_url, username, password):
+    """A fresh browser session of ``username``, on the dashboard after the password.
+
+    The block must leave the page without script errors or failed requests; if it
+    fails, the page is kept as ``failed-<username>.png`` in ARTIFACTS.
+    """
+    watched = Watched(browser, base_url)
+    try:
+        sign_in(watched.page, username, password)
+        watched.page.wait_for_url(base_url + "/")
+        yield watched
+        assert watched.errors == []
+    except Exception:
+        shot(watched.page, f"failed-{username}")
+        raise
+    finally:
+        watched.close()
