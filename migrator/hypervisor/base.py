@@ -272,6 +272,16 @@ class HypervisorDriver(abc.ABC):
         view[:] = data
         return view
 
+    def map_memory(self, uuid: str) -> np.ndarray | None:
+        """The guest's memory mapped into this process, as a (pages,
+        PAGE_SIZE) uint8 array, or None when the driver cannot map it (the
+        default; then pages go through `read_pages_into` / `write_pages`).
+        Live migration sends pages straight from it and receives them
+        straight into it, as Xen's libxenguest maps guest frames.  Writes
+        through it bypass the dirty log: only the destination of a migration
+        writes, into a container that is not running, after `populate`."""
+        return None
+
     @abc.abstractmethod
     def write_pages(
         self, uuid: str, indices: Sequence[int] | np.ndarray, data: bytes

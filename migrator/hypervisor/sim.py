@@ -503,6 +503,9 @@ class SimDriver(HypervisorDriver):
             np.copyto(dest, g.pages[_run_or(idx)])  # one copy, into the caller's buffer
         return memoryview(out).cast("B")[:size]
 
+    def map_memory(self, uuid: str) -> np.ndarray:
+        return self._guest(uuid).pages
+
     def write_pages(self, uuid: str, indices: Sequence[int] | np.ndarray,
                     data: bytes) -> None:
         g = self._guest(uuid)

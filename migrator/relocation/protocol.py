@@ -132,9 +132,18 @@ class Channel:
         the I/O timeout.  With ``stop``, the wait ends with `Interrupted` soon
         after the event is set.  With ``into`` (at least ``max_payload(PAGES)``
         bytes) the payload lands there instead of the channel's buffer."""
+        msg, length = self.recv_header(timeout=timeout, stop=stop)
+        buf = into if into is not None else self._buffer(length)
+        view = memoryview(buf)[:length]
+        self.read_into(view, stop)
+        return msg, view
+
+    def recv_header(self, *, timeout: float | None = None,
+                    stop: threading.Event | None = None) -> tuple[Msg, int]:
+        """The next frame's type and payload length (checked against the
+        type's limit); the payload is the caller's to read (`read_into`)."""
         deadline = time.monotonic() + (self.io_timeout if timeout is None else timeout)
-        head = memoryview(self._head)
-        self._read_into(head, deadline, stop)
+        self._read_into(memoryview(self._head), deadline, stop)
         mtype, length = HEADER.unpack(self._head)
         try:
             msg = Msg(mtype)
@@ -142,10 +151,11 @@ class Channel:
             raise ProtocolError(f"unknown frame type 0x{mtype:02x}") from None
         if length > max_payload(msg):
             raise ProtocolError(f"{msg.name} frame of {length} bytes exceeds the limit")
-        buf = into if into is not None else self._buffer(length)
-        view = memoryview(buf)[:length]
+        return msg, length
+
+    def read_into(self, view: memoryview, stop: threading.Event | None = None) -> None:
+        """Fill ``view`` from the stream (part of a frame already begun)."""
         self._read_into(view, time.monotonic() + self.io_timeout, stop)
-        return msg, view
 
     def recv_json(self, expected: set[Msg], **kw: Any) -> tuple[Msg, dict[str, Any]]:
         msg, payload = self.recv(**kw)
@@ -268,6 +278,14 @@ class Fingerprints:
         self.table[indices[~present]] = 0
         self.table[indices[present]] = self.of(data)
 
+    def update_runs(self, indices: np.ndarray, present: np.ndarray, memory: np.ndarray,
+                    runs: list[tuple[int, int]]) -> None:
+        """Record a batch whose present pages were read straight into
+        ``memory`` (the (npages, PAGE_SIZE) guest memory), as ``runs``."""
+        self.table[indices[~present]] = 0
+        for start, stop in runs:
+            self.table[start:stop] = self.of(memory[start:stop])
+
     def root(self) -> str:
         h = hashlib.sha256(_ROOT_DOMAIN)
         h.update(struct.pack("<Q", len(self.table)))
@@ -304,8 +322,11 @@ def encode_pages(indices: np.ndarray, data: bytes | memoryview,
     if not 1 <= count <= MAX_BATCH_PAGES:
         raise ValueError(f"a batch holds 1..{MAX_BATCH_PAGES} pages")
     pages = np.frombuffer(data, dtype=np.uint8).reshape(count, PAGE_SIZE)
-    # max() over u64 words is the cheapest whole-page "any byte set" test.
-    present = pages.view("<u8").max(axis=1) != 0
+    if fingerprints is not None:
+        present = _fingerprint_and_find_data(pages, indices, fingerprints)
+    else:
+        # max() over u64 words is the cheapest whole-page "any byte set" test.
+        present = pages.view("<u8").max(axis=1) != 0
     npresent = int(np.count_nonzero(present))
     if npresent == count:
         carried = pages
@@ -315,8 +336,6 @@ def encode_pages(indices: np.ndarray, data: bytes | memoryview,
         np.compress(present, pages, axis=0, out=carried)
     else:
         carried = pages[present]
-    if fingerprints is not None:
-        fingerprints.update(indices, present, carried)
     head = b"".join((
         HEADER.pack(Msg.PAGES, pages_payload_size(count, npresent)),
         struct.pack("<I", count),
@@ -325,26 +344,52 @@ def encode_pages(indices: np.ndarray, data: bytes | memoryview,
     return EncodedBatch(head, memoryview(carried.reshape(-1)), count, npresent)
 
 
+def _fingerprint_and_find_data(pages: np.ndarray, indices: np.ndarray,
+                               fingerprints: Fingerprints) -> np.ndarray:
+    """Fingerprint a batch and return which pages carry data.  A zero page's
+    fingerprint is 0 and any other page's is not, but with a chance of
+    2**-32: so the fingerprint doubles as the zero-page test (one pass over
+    the pages instead of two), and only its rare false zeros are looked at
+    byte by byte."""
+    fps = fingerprints.of(pages)
+    fingerprints.table[indices] = fps  # 0 for zero pages, as the receiver records them
+    present = fps != 0
+    candidates = np.flatnonzero(~present)
+    if len(candidates):
+        present[candidates] = pages[candidates].view("<u8").max(axis=1) != 0
+    return present
+
+
 @dataclass
 class DecodedBatch:
     indices: np.ndarray   # int64, strictly increasing, < npages
     present: np.ndarray   # bool, per index
     data: np.ndarray      # (present pages, PAGE_SIZE) uint8 view into the frame
+    placed: list[tuple[int, int]] | None = None  # or: already in guest memory, as runs
 
 
-def decode_pages(payload: memoryview, npages: int) -> DecodedBatch:
-    """Parse and validate a PAGES payload in place (destination side)."""
-    n = len(payload)
-    raw = np.frombuffer(payload, dtype=np.uint8)
-    if n < 4:
+def page_head_size(count: int) -> int:
+    """Bytes of a PAGES payload before its page data."""
+    return 4 + 4 * count + (count + 7) // 8
+
+
+def _page_count(raw: np.ndarray, length: int) -> int:
+    if length < 4:
         raise ProtocolError("PAGES frame is truncated")
     count = int(raw[:4].view("<u4")[0])
     if not 1 <= count <= MAX_BATCH_PAGES:
         raise ProtocolError(f"PAGES frame holds {count} pages (1..{MAX_BATCH_PAGES})")
-    nbitmap = (count + 7) // 8
-    head = 4 + 4 * count + nbitmap
-    if n < head:
+    if length < page_head_size(count):
         raise ProtocolError("PAGES frame is truncated")
+    return count
+
+
+def _parse_page_head(raw: np.ndarray, count: int, length: int,
+                     npages: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and presence flags from a PAGES payload's head (``raw``
+    holds at least `page_head_size` bytes), checked against the payload's
+    ``length`` - before a single page byte is read."""
+    head = page_head_size(count)
     indices = raw[4:4 + 4 * count].view("<u4").astype(np.int64)
     if indices[-1] >= npages or (count > 1 and not np.all(indices[1:] > indices[:-1])):
         raise ProtocolError("PAGES indices must increase strictly and stay below "
@@ -353,12 +398,66 @@ def decode_pages(payload: memoryview, npages: int) -> DecodedBatch:
     if bits[count:].any():
         raise ProtocolError("PAGES bitmap has padding bits set")
     present = bits[:count].astype(bool)
-    npresent = int(np.count_nonzero(present))
-    if n != head + npresent * PAGE_SIZE:
-        raise ProtocolError(f"PAGES frame is {n} bytes, its bitmap says "
-                            f"{head + npresent * PAGE_SIZE}")
-    data = raw[head:].reshape(npresent, PAGE_SIZE)
+    expected = head + int(np.count_nonzero(present)) * PAGE_SIZE
+    if length != expected:
+        raise ProtocolError(f"PAGES frame is {length} bytes, its bitmap says {expected}")
+    return indices, present
+
+
+def decode_pages(payload: memoryview, npages: int) -> DecodedBatch:
+    """Parse and validate a PAGES payload in place (destination side)."""
+    raw = np.frombuffer(payload, dtype=np.uint8)
+    count = _page_count(raw, len(payload))
+    indices, present = _parse_page_head(raw, count, len(payload), npages)
+    data = raw[page_head_size(count):].reshape(-1, PAGE_SIZE)
     return DecodedBatch(indices, present, data)
+
+
+DIRECT_RUNS = 8  # a batch in at most this many runs of pages is read in place
+
+
+def page_runs(indices: np.ndarray, limit: int) -> list[tuple[int, int]] | None:
+    """Strictly increasing page indices as [start, stop) runs of consecutive
+    pages; None if there are more than ``limit`` runs."""
+    if not len(indices):
+        return []
+    breaks = np.flatnonzero(np.diff(indices) != 1) + 1
+    if len(breaks) >= limit:
+        return None
+    bounds = [0, *breaks.tolist(), len(indices)]
+    return [(int(indices[a]), int(indices[b - 1]) + 1) for a, b in zip(bounds, bounds[1:],
+                                                                         strict=False)]
+
+
+def read_pages_frame(chan: Channel, length: int, buf: bytearray, memory: np.ndarray | None,
+                     npages: int, after: int = -1) -> DecodedBatch:
+    """Read the payload of a PAGES frame whose header `Channel.recv_header`
+    returned.  The head (indices, bitmap) is read and checked first - its
+    pages must all lie beyond page ``after``, the round's last so far: pages
+    read in place land while earlier frames of the round are still being
+    applied, and this rule (the source sends each round as a sorted set)
+    means no page is written twice out of order.  Then,
+    if the present pages lie in a few runs and the guest's ``memory`` is
+    mapped, TLS decrypts them straight into it - no copy, as Xen's restore
+    maps guest frames - else the pages land in ``buf`` for the caller to
+    scatter."""
+    view = memoryview(buf)
+    chan.read_into(view[:4])
+    count = _page_count(np.frombuffer(buf, dtype=np.uint8, count=4), length)
+    head = page_head_size(count)
+    chan.read_into(view[4:head])
+    indices, present = _parse_page_head(np.frombuffer(buf, dtype=np.uint8, count=head),
+                                        count, length, npages)
+    if indices[0] <= after:
+        raise ProtocolError("PAGES indices must increase across the frames of a round")
+    runs = page_runs(indices[present], DIRECT_RUNS) if memory is not None else None
+    if runs is None:
+        chan.read_into(view[head:length])
+        data = np.frombuffer(buf, dtype=np.uint8, count=length - head, offset=head)
+        return DecodedBatch(indices, present, data.reshape(-1, PAGE_SIZE))
+    for start, stop in runs:
+        chan.read_into(memoryview(memory[start:stop].reshape(-1)))
+    return DecodedBatch(indices, present, np.zeros((0, PAGE_SIZE), np.uint8), runs)
 
 
 # --------------------------------------------------------------------------
@@ -443,17 +542,20 @@ def frame_buffers() -> list[bytearray]:
 
 class FramePrefetcher:
     """Reads pre-copy frames ahead on its own thread, into two buffers used
-    in turn, while the connection thread applies the previous frame: TLS
-    decryption (which releases the GIL) overlaps writing and fingerprinting
-    pages.  Stops after the VCPU or ABORT frame.
+    in turn (or, for runs of pages, straight into the guest's ``memory``, see
+    `read_pages_frame`), while the connection thread applies the previous
+    frame: TLS decryption (which releases the GIL) overlaps writing and
+    fingerprinting pages.  Stops after the VCPU or ABORT frame.
 
     An OpenSSL connection must never be read and written by two threads at
     once, so after a SYNC frame (which the connection thread answers) the
     reader waits until the answer is out; the source sends nothing in
     between anyway."""
 
-    def __init__(self, chan: Channel, buffers: list[bytearray] | None = None):
+    def __init__(self, chan: Channel, buffers: list[bytearray] | None = None,
+                 memory: np.ndarray | None = None, npages: int = 0):
         self._chan = chan
+        self._memory, self._npages = memory, npages
         self._free: queue.Queue[bytearray | None] = queue.Queue()
         self._ready: queue.Queue[Any] = queue.Queue()
         self._answered = threading.Event()
@@ -465,13 +567,22 @@ class FramePrefetcher:
 
     def _run(self) -> None:
         try:
+            last = -1  # the highest page index of this round so far
             while (buf := self._free.get()) is not None:
-                msg, payload = self._chan.recv(into=buf)
+                msg, length = self._chan.recv_header()
+                if msg is Msg.PAGES:
+                    payload: Any = read_pages_frame(self._chan, length, buf, self._memory,
+                                                    self._npages, last)
+                    last = int(payload.indices[-1])
+                else:
+                    payload = memoryview(buf)[:length]
+                    self._chan.read_into(payload)
                 self._answered.clear()
                 self._ready.put((msg, payload, buf))
                 if msg in (Msg.VCPU, Msg.ABORT):
                     return
                 if msg is Msg.SYNC:
+                    last = -1
                     self._answered.wait()
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
             self._ready.put(exc)

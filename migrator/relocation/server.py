@@ -25,7 +25,6 @@ Django-free.
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import logging
 import socket
@@ -53,16 +52,17 @@ from .protocol import (
     MAX_BATCH_PAGES,
     PROTOCOL_VERSION,
     Channel,
+    DecodedBatch,
     Fingerprints,
     FramePrefetcher,
     Msg,
     ProtocolError,
     decode_json,
-    decode_pages,
     describe_error,
     frame_buffers,
 )
 from .tickets import TicketBook, TicketRefused
+from .verify import VERIFY_MODES, commit_digests
 
 log = logging.getLogger("berth.relocation")
 
@@ -205,7 +205,7 @@ class _Incoming:
         except ValueError:
             seed = b""
         self.verify = hello.get("verify")
-        if not 16 <= len(seed) <= 64 or self.verify not in ("incremental", "full"):
+        if not 16 <= len(seed) <= 64 or self.verify not in VERIFY_MODES:
             raise Refusal("protocol", "HELLO's fingerprint seed or verify mode is malformed")
         try:
             self.reservation = self.driver.reserve(spec.uuid, spec.memory_mib).id
@@ -214,11 +214,14 @@ class _Incoming:
             raise Refusal("reservation", str(exc)) from None
         self.built, self.reservation = True, None
         self.npages = info.npages
-        self.fps = Fingerprints(seed, self.npages)
+        self.seed = seed
+        self.fps = Fingerprints(seed, self.npages) if self.verify == "incremental" else None
+        self.seen = np.zeros(self.npages, dtype=bool)  # pages that arrived at least once
         self.known_zero = np.ones(self.npages, dtype=bool)  # a new container is zeroed
         if self.server.populate:
             self._populate()
         self.frame_buffers = frame_buffers()  # faulted in now, while the source waits
+        self.memory = self.driver.map_memory(self.uuid)  # pages are read into it in place
         self.state = "receiving"
         self.emit("stage", stage="reservation", result="reserved", domid=info.domid,
                   memory_mib=spec.memory_mib)
@@ -233,7 +236,7 @@ class _Incoming:
         self.driver.populate(self.uuid, self.npages)
 
     def _receive(self) -> None:
-        reader = FramePrefetcher(self.chan, self.frame_buffers)
+        reader = FramePrefetcher(self.chan, self.frame_buffers, self.memory, self.npages)
         try:
             while True:
                 msg, payload, buf = reader.get()
@@ -245,16 +248,19 @@ class _Incoming:
         finally:
             reader.stop()
         self.state = "stopped"
-        # Hash now: the source hashes its copy at the same time (full mode:
-        # all of memory; always: the fingerprint table).
-        root = self.fps.root()
-        digest = self.driver.memory_digest(self.uuid) if self.verify == "full" else None
+        missing = self.npages - int(np.count_nonzero(self.seen))
+        if missing:
+            raise Refusal("commitment", f"incomplete image: {missing} of {self.npages} "
+                          "pages never arrived")
+        # Digests now: the source computes its own at the same time.
+        mine = commit_digests(self.verify, self.driver, self.uuid, self.seed, self.npages,
+                              self.fps, self.driver.get_vcpu_state(self.uuid))
         msg, commit = self.chan.recv_json({Msg.COMMIT, Msg.ABORT})
         if msg is Msg.ABORT:
             raise SourceAborted(commit.get("reason", "no reason"))
-        self._verify(commit, root, digest)
+        self._verify(commit, mine)
 
-    def _handle(self, msg: Msg, payload: memoryview) -> bool:
+    def _handle(self, msg: Msg, payload: Any) -> bool:
         """One pre-copy frame; False once the vCPU state (the last) is in."""
         if msg is Msg.PAGES:
             self._apply(payload)
@@ -271,10 +277,12 @@ class _Incoming:
             raise ProtocolError(f"unexpected {msg.name} during pre-copy")
         return True
 
-    def _apply(self, payload: memoryview) -> None:
-        batch = decode_pages(payload, self.npages)
+    def _apply(self, batch: DecodedBatch) -> None:
         idx, present = batch.indices, batch.present
-        if len(batch.data):
+        if batch.placed is not None:  # already in the container's memory
+            if self.fps is not None:
+                self.fps.update_runs(idx, present, self.memory, batch.placed)
+        elif len(batch.data):
             self.driver.write_pages(self.uuid, idx[present],
                                     memoryview(batch.data.reshape(-1)))
         zero = idx[~present]
@@ -282,12 +290,15 @@ class _Incoming:
         if len(stale):
             self.driver.write_pages(self.uuid, stale, _ZEROS[:len(stale) * PAGE_SIZE])
         self.known_zero[idx] = ~present
-        self.fps.update(idx, present, batch.data)
+        if batch.placed is None and self.fps is not None:
+            self.fps.update(idx, present, batch.data)
+        self.seen[idx] = True
         self.pages += len(idx)
 
-    def _verify(self, commit: dict[str, Any], root: str, digest: str | None) -> None:
-        vcpu = hashlib.sha256(self.driver.get_vcpu_state(self.uuid)).hexdigest()
-        mine = {"fingerprint_root": root, "vcpu_sha256": vcpu, "memory_sha256": digest}
+    def _verify(self, commit: dict[str, Any], mine: dict[str, Any]) -> None:
+        if commit.get("pages_sent") != self.pages:
+            raise Refusal("commitment", f"{self.pages} pages arrived, the source sent "
+                          f"{commit.get('pages_sent')}")
         for key, value in mine.items():
             if commit.get(key) != value:
                 raise Refusal("commitment", f"image differs from the source's: {key} "

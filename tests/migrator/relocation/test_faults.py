@@ -8,9 +8,10 @@ as in doubt on the side that cannot know, and `resolve` settles them.
 import socket
 import threading
 
+import numpy as np
 import pytest
 
-from migrator.hypervisor import GuestState, SimDriver
+from migrator.hypervisor import PAGE_SIZE, GuestState, SimDriver
 from migrator.relocation import HostFacts
 
 from .conftest import (
@@ -106,23 +107,29 @@ def test_destination_killed_before_commitment(source, destination, pki):
     assert_destination_clean(dest, capacity)
 
 
+@pytest.mark.parametrize(("verify", "digest"), [("sampled", "sample_digest"),
+                                                ("full", "memory_sha256")])
 def test_destination_refusing_the_commit_leaves_the_guest_on_the_source(
-        source, drivers, destination, pki):
-    """A destination that stores pages wrongly is caught by full verification."""
+        source, drivers, destination, pki, verify, digest):
+    """A destination that stores pages wrongly is caught by the commit check
+    over actual memory (``incremental`` compares what was sent and received,
+    and cannot see this)."""
 
     class Corrupting(SimDriver):
+        def map_memory(self, uuid):
+            return None  # every page goes through write_pages
+
         def write_pages(self, uuid, indices, data):
-            data = bytearray(data)
-            if len(data):
-                data[-1] ^= 0xFF
-            super().write_pages(uuid, indices, bytes(data))
+            data = np.frombuffer(bytearray(data), np.uint8)
+            data[::PAGE_SIZE] ^= 0xFF  # the first byte of every page
+            super().write_pages(uuid, indices, data.tobytes())
 
     dest = destination(Corrupting("hostc", 256))
     guest, before, capacity = prepare(source, dest)
-    result = migration(source, guest.uuid, dest.port, pki, verify="full").run()
+    result = migration(source, guest.uuid, dest.port, pki, verify=verify).run()
 
     assert result["state"] == "failed" and result["stage"] == "commitment"
-    assert "memory_sha256" in result["reason"]
+    assert digest in result["reason"]
     assert_source_unharmed(source, guest.uuid, before)
     assert_destination_clean(dest, capacity)
     dest.driver.close()

@@ -21,7 +21,7 @@ def capture(driver, uuid, into):
     return hook
 
 
-@pytest.mark.parametrize("verify", ["incremental", "full"])
+@pytest.mark.parametrize("verify", ["sampled", "incremental", "full"])
 def test_web_guest_moves_with_an_identical_image(source, destination, pki, verify):
     dest = destination()
     dest.driver.create(GuestSpec("other", 4))   # so the new domain ID differs

@@ -10,10 +10,12 @@ import pytest
 
 from migrator.hypervisor import PAGE_SIZE
 from migrator.relocation.protocol import (
+    DIRECT_RUNS,
     HEADER,
     MAX_BATCH_PAGES,
     Channel,
     Fingerprints,
+    FramePrefetcher,
     Msg,
     ProtocolError,
     decode_pages,
@@ -194,3 +196,66 @@ def test_json_frames_must_be_objects():
             pair.chan.recv_json({Msg.COMMIT})
     finally:
         pair.close()
+
+
+def _prefetched(frames: bytes, memory: np.ndarray) -> list:
+    """What a FramePrefetcher over a socket pair makes of ``frames``."""
+    pair = _Pair()
+    try:
+        pair.a.sendall(frames + HEADER.pack(Msg.VCPU, 0))
+        reader = FramePrefetcher(pair.chan, [bytearray(max_payload(Msg.PAGES))] * 2,
+                                 memory, len(memory))
+        got = []
+        while True:
+            try:
+                msg, payload, buf = reader.get()
+            except ProtocolError as exc:
+                return [*got, exc]
+            got.append(payload)
+            reader.release(buf)
+            if msg is Msg.VCPU:
+                return got
+    finally:
+        pair.close()
+
+
+def test_a_run_of_pages_is_read_straight_into_guest_memory():
+    memory = np.zeros((NPAGES, PAGE_SIZE), np.uint8)
+    idx = np.arange(10, 20, dtype=np.int64)
+    pages = pages_with_zeros(idx, zero={0, 9})  # present pages: one run, 11..18
+    batch = _prefetched(frame_bytes(encode_pages(idx, pages.tobytes())), memory)[0]
+    assert batch.placed == [(11, 19)] and len(batch.data) == 0
+    assert np.array_equal(memory[10:20], pages)
+    assert not memory[:10].any() and not memory[20:].any()
+
+
+def test_a_scattered_batch_lands_in_the_frame_buffer_not_in_memory():
+    memory = np.zeros((NPAGES, PAGE_SIZE), np.uint8)
+    idx = np.arange(0, 2 * (DIRECT_RUNS + 1), 2, dtype=np.int64)  # DIRECT_RUNS + 1 runs
+    pages = pages_with_zeros(idx, zero=set())
+    batch = _prefetched(frame_bytes(encode_pages(idx, pages.tobytes())), memory)[0]
+    assert batch.placed is None and np.array_equal(batch.data, pages)
+    assert not memory.any()  # the server applies it through the driver
+
+
+def test_pages_of_a_round_must_increase_across_its_frames():
+    memory = np.zeros((NPAGES, PAGE_SIZE), np.uint8)
+    first, again = np.arange(4, 8, dtype=np.int64), np.arange(7, 9, dtype=np.int64)
+    frames = b"".join(frame_bytes(encode_pages(i, pages_with_zeros(i, set()).tobytes()))
+                      for i in (first, again))
+    got = _prefetched(frames, memory)
+    assert isinstance(got[-1], ProtocolError) and "across the frames" in str(got[-1])
+    assert not memory[8].any()  # refused before its pages were read
+
+
+def test_a_page_whose_fingerprint_is_zero_is_still_sent():
+    class Unlucky(Fingerprints):  # every fingerprint collides with the zero page's
+        def of(self, pages):
+            return np.zeros(len(pages), dtype=np.uint64)
+
+    idx = np.arange(4, dtype=np.int64)
+    pages = pages_with_zeros(idx, zero={2})
+    batch = encode_pages(idx, pages.tobytes(), Unlucky(b"u" * 16, NPAGES))
+    assert batch.data_pages == 3
+    assert np.array_equal(decode_pages(memoryview(frame_bytes(batch))[HEADER.size:],
+                                       NPAGES).data, pages[[0, 1, 3]])
