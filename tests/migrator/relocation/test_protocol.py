@@ -259,3 +259,15 @@ def test_a_page_whose_fingerprint_is_zero_is_still_sent():
     assert batch.data_pages == 3
     assert np.array_equal(decode_pages(memoryview(frame_bytes(batch))[HEADER.size:],
                                        NPAGES).data, pages[[0, 1, 3]])
+
+
+@pytest.mark.parametrize("late", [1, 7])  # few pages to look at closely, or many
+def test_a_page_whose_data_starts_late_is_not_taken_for_a_zero_page(late):
+    idx = np.arange(8, dtype=np.int64)
+    pages = pages_with_zeros(idx, zero={0})
+    pages[1:1 + late, :PAGE_SIZE - 1] = 0  # only their last byte is set
+    pages[1:1 + late, -1] = 9
+    batch = encode_pages(idx, pages.tobytes())
+    decoded = decode_pages(memoryview(frame_bytes(batch))[HEADER.size:], NPAGES)
+    assert decoded.present.tolist() == [False] + [True] * 7
+    assert np.array_equal(decoded.data, pages[1:])
