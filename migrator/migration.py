@@ -60,7 +60,7 @@ def _subnet_check(guest, destination):
 
 
 def parameters(live=True, downtime_ms=None, max_rounds=None, max_data_factor=None,
-               auto_converge=None, max_seconds=None):
+               auto_converge=None, max_seconds=None, verify=None):
     return {
         "live": bool(live),
         "downtime_ms": downtime_ms or settings.MIGRATION_DOWNTIME_MS,
@@ -69,6 +69,7 @@ def parameters(live=True, downtime_ms=None, max_rounds=None, max_data_factor=Non
         "max_seconds": max_seconds or settings.MIGRATION_MAX_SECONDS,
         "auto_converge": settings.MIGRATION_AUTO_CONVERGE if auto_converge is None
         else bool(auto_converge),
+        "verify": verify or settings.MIGRATION_VERIFY,
     }
 
 

@@ -5,6 +5,7 @@ from rest_framework import serializers
 
 from migrator.models import Guest, Host
 from migrator.pki import HOST_NAME_RE
+from migrator.relocation.verify import VERIFY_MODES
 
 
 class HostSerializer(serializers.ModelSerializer):
@@ -53,6 +54,11 @@ class MigrateRequestSerializer(serializers.Serializer):
         min_value=1, max_value=86400, required=False,
         help_text="stop and copy once pre-copy has run this long (checked between rounds)")
     auto_converge = serializers.BooleanField(required=False)
+    verify = serializers.ChoiceField(
+        choices=list(VERIFY_MODES), required=False,
+        help_text="the commit check: sampled (default; pages of actual memory), "
+                  "incremental (every page sent, during pre-copy) or full (SHA-256 of "
+                  "all memory, inside the downtime)")
 
 
 class ResolveRequestSerializer(serializers.Serializer):

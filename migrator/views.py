@@ -1,4 +1,5 @@
 """Pages: hosts and guests on the dashboard, jobs, a guest, save and restore buttons."""
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.shortcuts import get_object_or_404, redirect, render
@@ -6,6 +7,7 @@ from django.views.decorators.http import require_POST
 
 from migrator import access, indoubt, inventory, migration, orchestrate
 from migrator.models import Guest, Host
+from migrator.relocation.verify import VERIFY_MODES
 from portal.roles import reader_required
 from vault import access as vault_access
 from vault.models import SavedImage
@@ -66,8 +68,12 @@ def guest_migrate(request, uuid):
     guest = get_object_or_404(Guest.objects.select_related("host"), uuid=uuid)
     if request.method == "POST":
         live = request.POST.get("live", "1") == "1"
+        verify = request.POST.get("verify") or None
+        if verify not in (None, *VERIFY_MODES):
+            messages.error(request, f"Unknown commit check {verify!r}.")
+            return redirect("guest-migrate", uuid=uuid)
         job = _run(request, migration.request_migrate, uuid, request.POST.get("destination", ""),
-                   live=live)
+                   live=live, verify=verify)
         return redirect("job", pk=job.id) if job else redirect("guest-migrate", uuid=uuid)
     destinations = Host.objects.exclude(id=guest.host_id).filter(revoked_at__isnull=True)
     chosen = destinations.filter(name=request.GET.get("destination", "")).first()
@@ -75,7 +81,8 @@ def guest_migrate(request, uuid):
     return render(request, "migrator/migrate.html", {
         "guest": guest, "destinations": destinations, "chosen": chosen, "checks": checks,
         "all_ok": bool(checks) and all(ok for _, ok, _ in checks),
-        "can_migrate": access.can_operate(request, "migrate")})
+        "can_migrate": access.can_operate(request, "migrate"),
+        "verify_default": settings.MIGRATION_VERIFY})
 
 
 @vault_access.image_login_required("restore")

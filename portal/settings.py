@@ -9,6 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
 
 from portal.secrets import ensure_private_dir, load_or_create
 
@@ -306,6 +307,10 @@ MIGRATION_MAX_DATA_FACTOR = float(env("MIGRATION_MAX_DATA_FACTOR", "3.0"))
 MIGRATION_AUTO_CONVERGE = env_bool("MIGRATION_AUTO_CONVERGE", True)
 # Pre-copy runs at most this long, then stops and copies (stop reason max_time).
 MIGRATION_MAX_SECONDS = env_int("MIGRATION_MAX_SECONDS", 600)
+# The commit check (docs/relocation-protocol.md, section 5): sampled | incremental | full.
+MIGRATION_VERIFY = env("MIGRATION_VERIFY", "sampled")
+if MIGRATION_VERIFY not in ("sampled", "incremental", "full"):
+    raise ImproperlyConfigured("BERTH_MIGRATION_VERIFY must be sampled, incremental or full")
 
 # --- static files -------------------------------------------------------------
 STATIC_URL = "static/"

@@ -104,7 +104,8 @@ class MigrateJob(Job):
                 max_data_factor=float(params.get("max_data_factor", 3.0)),
                 max_precopy_s=float(params.get("max_seconds", 0)),
                 auto_converge=bool(params.get("auto_converge", False)),
-                live=bool(params.get("live", True)))
+                live=bool(params.get("live", True)),
+                verify=str(params.get("verify", "sampled")))
         except (TypeError, ValueError) as exc:
             raise BadCommand(f"migrate parameters: {exc}") from None
         self.engine: PrecopyMigration | None = None

@@ -38,7 +38,9 @@
       final.replaceChildren();
       [["total time", job.result.total_time_s + " s"], ["downtime", job.result.downtime_ms + " ms"],
        ["bytes sent", job.result.bytes_sent + " (" + job.result.bytes_ratio + " × memory)"],
-       ["rounds", job.result.rounds], ["stop-and-copy because", job.result.stop_reason]]
+       ["rounds", job.result.rounds], ["stop-and-copy because", job.result.stop_reason],
+       ["commit check", job.result.verify]]
+        .filter(function (row) { return row[1] !== undefined && row[1] !== null; })
         .forEach(function (row) {
           var dt = document.createElement("dt"); dt.textContent = row[0];
           var dd = document.createElement("dd"); dd.textContent = String(row[1]);

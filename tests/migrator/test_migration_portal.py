@@ -26,6 +26,7 @@ async def test_ticketed_two_step_start_rounds_and_outcome(enrolled, admin_user):
     assert start["destination"] == {"host": "hostc", "address": "127.0.0.1", "port": 8002}
     assert start["parameters"]["downtime_ms"] == 20 and start["parameters"]["live"] is True
     assert start["parameters"]["max_seconds"] == 600  # MIGRATION_MAX_SECONDS' default
+    assert start["parameters"]["verify"] == "sampled"  # MIGRATION_VERIFY's default
     assert (await Job.objects.aget(id=job.id)).pending_ticket == ""
 
     watcher = await jobs_socket(admin_user, f"/ws/jobs/{job.id}/")
@@ -100,3 +101,25 @@ def test_auditor_cannot_migrate(auditor_client, enrolled):
     response = auditor_client.post(f"/api/v1/guests/{GUEST['uuid']}/migrate",
                                    {"destination": "hostc"}, content_type="application/json")
     assert response.status_code == 403
+
+
+def test_the_commit_check_is_chosen_per_migration_and_checked(admin_client, enrolled,
+                                                               monkeypatch):
+    from migrator import inventory
+    from tests.migrator.conftest import hello
+
+    monkeypatch.setattr("migrator.progress.send_to_host", lambda h, p: None)
+    for name, guests in (("hostb", [GUEST]), ("hostc", [])):
+        inventory.connected(Host.objects.get(name=name), f"chan-{name}", hello(name, guests))
+    url = f"/api/v1/guests/{GUEST['uuid']}/migrate"
+    refused = admin_client.post(url, {"destination": "hostc", "verify": "none"},
+                                content_type="application/json")
+    assert refused.status_code == 400 and "verify" in refused.json()["detail"]
+    page = f"/jobs/guests/{GUEST['uuid']}/migrate"
+    assert 'name="verify"' in admin_client.get(page + "?destination=hostc").content.decode()
+    response = admin_client.post(page, {"destination": "hostc", "live": "1", "verify": "nope"},
+                                 follow=True)
+    assert "Unknown commit check" in response.content.decode()
+    assert not Job.objects.exists()
+    admin_client.post(page, {"destination": "hostc", "live": "1", "verify": "full"})
+    assert Job.objects.get().parameters["verify"] == "full"

@@ -40,3 +40,10 @@ def test_the_portals_maximum_time_reaches_the_engine(tmp_path):
     assert job(tmp_path).settings.max_precopy_s == 0  # an old portal: no limit
     with pytest.raises(BadCommand, match="migrate parameters"):
         job(tmp_path, max_seconds=-5)
+
+
+def test_the_commit_check_reaches_the_engine(tmp_path):
+    assert job(tmp_path, verify="full").settings.verify == "full"
+    assert job(tmp_path).settings.verify == "sampled"  # an old portal: the default
+    with pytest.raises(BadCommand, match="migrate parameters"):
+        job(tmp_path, verify="none")
