@@ -1,8 +1,9 @@
 """Hypervisor drivers for the host agent (Django-free).
 
-`base` defines the driver interface, `sim` the simulated driver with real
-memory, `workload` the guest workload profiles, `savestream` the save-stream
-format.
+`base` defines the driver interface, `accounting` the host bookkeeping
+(guests, reservations, domain IDs) every driver holds, `sim` the simulated
+driver with real memory, `qemu` the QEMU driver, `workload` the guest workload
+profiles, `savestream` the save-stream format.
 """
 
 from .base import (

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import uuid as uuidlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,7 @@ import numpy as np
 
 PAGE_SIZE = 4096
 PAGES_PER_MIB = (1024 * 1024) // PAGE_SIZE
+MAX_VCPUS = 64
 
 
 class GuestState(enum.StrEnum):
@@ -143,6 +145,34 @@ class HostInfo:
     arch: str
     virt_features: tuple[str, ...]
     capacity_mib: int
+
+    def check_compatible(self, arch: str, virt_features: Iterable[str]) -> None:
+        """Refuse an image made on another architecture or with other
+        virtualisation extensions (`IncompatibleHost`)."""
+        features = tuple(virt_features)
+        if arch != self.arch or set(features) != set(self.virt_features):
+            raise IncompatibleHost(
+                f"image needs {arch} with {','.join(features) or 'no'} extensions; "
+                f"host {self.name} is {self.arch} with "
+                f"{','.join(self.virt_features) or 'none'}")
+
+
+def norm_uuid(value: str) -> str:
+    """A guest UUID in its canonical string form, or `InvalidRequest`."""
+    try:
+        return str(uuidlib.UUID(str(value)))
+    except ValueError as exc:
+        raise InvalidRequest(f"invalid guest UUID {value!r}") from exc
+
+
+def check_shape(name: str, memory_mib: int, vcpus: int) -> None:
+    """Refuse a guest name, memory size or vCPU count no driver accepts."""
+    if not isinstance(name, str) or not 1 <= len(name) <= 255:
+        raise InvalidRequest("guest name must be 1..255 characters")
+    for label, value, top in (("memory_mib", memory_mib, 1 << 20),
+                              ("vcpus", vcpus, MAX_VCPUS)):
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= top:
+            raise InvalidRequest(f"{label} must be an integer in 1..{top}")
 
 
 class HypervisorDriver(abc.ABC):

@@ -51,10 +51,10 @@ from typing import Any
 import numpy as np
 
 from . import qemu_process as proc
+from .accounting import HostAccounting
 from .base import (
     PAGE_SIZE,
     Capacity,
-    GuestExists,
     GuestInfo,
     GuestNotFound,
     GuestSpec,
@@ -62,12 +62,11 @@ from .base import (
     HostInfo,
     HypervisorDriver,
     HypervisorError,
-    IncompatibleHost,
-    InsufficientMemory,
     InvalidGuestState,
     InvalidRequest,
     Reservation,
-    ReservationNotFound,
+    check_shape,
+    norm_uuid,
 )
 from .qmp import QMP, QMPError, QMPGone
 from .savestream import MalformedStream, SaveStreamError, TruncatedStream
@@ -80,7 +79,6 @@ VERSION = 1
 _PREAMBLE = struct.Struct("<8sHHI")  # magic, version, flags, header JSON length
 MAX_HEADER = 1 << 20
 READ_BYTES = 1 << 20
-MAX_VCPUS = 64
 # What QEMU's run states mean for Berth (the rest: not running).
 _RUNNING = {"running"}
 UNSUPPORTED = ("the QEMU driver does not expose guest pages: QEMU migrates memory itself "
@@ -122,13 +120,6 @@ class _Guest:
         return QMP.session(self.qmp_path, timeout)
 
 
-def _norm_uuid(value: str) -> str:
-    try:
-        return str(uuidlib.UUID(str(value)))
-    except ValueError as exc:
-        raise InvalidRequest(f"invalid guest UUID {value!r}") from exc
-
-
 class QemuDriver(HypervisorDriver):
     """A host whose guests are QEMU processes, state in ``run_dir``."""
 
@@ -143,9 +134,8 @@ class QemuDriver(HypervisorDriver):
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.run_dir, 0o700)
         self.tls, self.binary = tls, binary
-        self._lock = threading.RLock()
-        self._guests: dict[str, _Guest] = {}
-        self._reservations: dict[str, Reservation] = {}
+        self._acct: HostAccounting[_Guest] = HostAccounting(
+            self._host, domid_file=self.run_dir / "next_domid")
         self._attach()
 
     # -- re-attaching after an agent restart --------------------------------------
@@ -171,61 +161,23 @@ class QemuDriver(HypervisorDriver):
             if guest.state in (GuestState.SAVING, GuestState.MIGRATING):
                 guest.state = GuestState.PAUSED  # the job that held it is gone
                 guest.save()
-            self._guests[guest.uuid] = guest
+            self._acct.guests[guest.uuid] = guest
             log.info("re-attached to guest %s (%s), QEMU pid %s", guest.name, guest.uuid, pid)
-
-    def _next_domid(self) -> int:
-        path = self.run_dir / "next_domid"
-        with self._lock:
-            try:
-                domid = int(path.read_text())
-            except (OSError, ValueError):
-                domid = 1
-            domid = max([domid, *(g.domid + 1 for g in self._guests.values())])
-            path.write_text(str(domid + 1))
-            return domid
 
     # -- host ---------------------------------------------------------------------
     def host_info(self) -> HostInfo:
         return self._host
 
     def capacity(self) -> Capacity:
-        with self._lock:
-            return Capacity(self._host.capacity_mib,
-                            sum(g.memory_mib for g in self._guests.values()),
-                            sum(r.memory_mib for r in self._reservations.values()))
-
-    def _claim(self, uuid: str, memory_mib: int) -> Reservation:
-        with self._lock:
-            if uuid in self._guests:
-                raise GuestExists(f"guest {uuid} already exists on host {self._host.name}")
-            if any(r.uuid == uuid for r in self._reservations.values()):
-                raise GuestExists(f"guest {uuid} is already reserved on {self._host.name}")
-            cap = self.capacity()
-            if memory_mib > cap.free_mib:
-                raise InsufficientMemory(
-                    f"host {self._host.name} cannot fit {memory_mib} MiB: "
-                    f"{cap.free_mib} MiB free of {cap.total_mib} MiB")
-            res = Reservation(uuidlib.uuid4().hex, uuid, memory_mib, self._host.name)
-            self._reservations[res.id] = res
-            return res
-
-    @staticmethod
-    def _check_shape(name: str, memory_mib: int, vcpus: int) -> None:
-        if not isinstance(name, str) or not 1 <= len(name) <= 255:
-            raise InvalidRequest("guest name must be 1..255 characters")
-        for label, value, top in (("memory_mib", memory_mib, 1 << 20),
-                                  ("vcpus", vcpus, MAX_VCPUS)):
-            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= top:
-                raise InvalidRequest(f"{label} must be an integer in 1..{top}")
+        return self._acct.capacity()
 
     # -- lifecycle ----------------------------------------------------------------
     def create(self, spec: GuestSpec) -> GuestInfo:
-        uuid = _norm_uuid(spec.uuid) if spec.uuid else str(uuidlib.uuid4())
-        self._check_shape(spec.name, spec.memory_mib, spec.vcpus)
+        uuid = norm_uuid(spec.uuid) if spec.uuid else str(uuidlib.uuid4())
+        check_shape(spec.name, spec.memory_mib, spec.vcpus)
         config = json.loads(json.dumps(spec.config))
         proc.check_config(config)
-        res = self._claim(uuid, spec.memory_mib)
+        res = self._acct.claim(uuid, spec.memory_mib)
         state = GuestState.RUNNING if spec.start else GuestState.PAUSED
         guest = self._start(res, spec.name, spec.vcpus, config, state, incoming=False)
         return self._info(guest)
@@ -242,7 +194,7 @@ class QemuDriver(HypervisorDriver):
             proc.remove_dir(directory)
             directory.mkdir(mode=0o700)
             guest = _Guest(directory, meta)
-            guest.domid = self._next_domid()
+            guest.domid = self._acct.next_domid()
             argv = proc.command_line(directory, name=name, uuid=res.uuid,
                                      memory_mib=res.memory_mib, vcpus=vcpus, config=config,
                                      incoming=incoming, paused=state is not GuestState.RUNNING,
@@ -252,29 +204,22 @@ class QemuDriver(HypervisorDriver):
             guest.save()
         except BaseException:
             if owned:
-                self._drop_reservation(res.id)
+                self._acct.drop(res.id)
             with contextlib.suppress(Exception):
                 proc.kill(proc.read_pid(directory), res.uuid)
             proc.remove_dir(directory)
             raise
-        with self._lock:
-            self._reservations.pop(res.id, None)
-            self._guests[guest.uuid] = guest
+        # QEMU runs now, so the guest is accounted even if the caller released
+        # its reservation meanwhile.
+        with self._acct.lock:
+            self._acct.drop(res.id)
+            self._acct.guests[guest.uuid] = guest
         log.info("started QEMU for guest %s (%s), domain %d, pid %s", name, res.uuid,
                  guest.domid, guest.pid)
         return guest
 
-    def _drop_reservation(self, reservation_id: str) -> None:
-        with self._lock:
-            self._reservations.pop(reservation_id, None)
-
     def _guest(self, uuid: str) -> _Guest:
-        key = _norm_uuid(uuid)
-        with self._lock:
-            guest = self._guests.get(key)
-        if guest is None:
-            raise GuestNotFound(f"no guest {key} on host {self._host.name}")
-        return guest
+        return self._acct.guest(uuid)
 
     def _status(self, guest: _Guest) -> str | None:
         """QEMU's run state, or None if its QEMU is gone (then forgotten)."""
@@ -289,10 +234,8 @@ class QemuDriver(HypervisorDriver):
         return None
 
     def _forget(self, guest: _Guest, why: str) -> None:
-        with self._lock:
-            if self._guests.get(guest.uuid) is not guest:
-                return
-            del self._guests[guest.uuid]
+        if not self._acct.remove(guest):
+            return
         log.warning("guest %s (%s) is gone from %s: %s", guest.name, guest.uuid,
                     self._host.name, why)
         proc.kill(guest.pid, guest.uuid)
@@ -315,10 +258,8 @@ class QemuDriver(HypervisorDriver):
                              pages_written=0)
 
     def list(self) -> list[GuestInfo]:
-        with self._lock:
-            guests = sorted(self._guests.values(), key=lambda g: g.domid)
         infos = []
-        for guest in guests:
+        for guest in self._acct.by_domid():
             try:
                 infos.append(self._info(guest))
             except GuestNotFound:
@@ -375,8 +316,7 @@ class QemuDriver(HypervisorDriver):
             deadline = time.monotonic() + 5
             while proc.alive(guest.pid) and time.monotonic() < deadline:
                 time.sleep(0.02)
-            with self._lock:
-                self._guests.pop(guest.uuid, None)
+            self._acct.remove(guest)
             proc.kill(guest.pid, guest.uuid)
             proc.remove_dir(guest.dir)
 
@@ -385,7 +325,7 @@ class QemuDriver(HypervisorDriver):
 
     def shutdown_all(self) -> None:
         """Destroy every guest (tests, and an operator emptying a host)."""
-        for guest in list(self._guests.values()):
+        for guest in list(self._acct.guests.values()):
             with contextlib.suppress(HypervisorError):
                 self.destroy(guest.uuid)
 
@@ -464,9 +404,9 @@ class QemuDriver(HypervisorDriver):
         pieces = iter(chunks)
         meta, rest = _read_header(pieces)
         self._check_image(meta)
-        uuid = _norm_uuid(meta["uuid"])
+        uuid = norm_uuid(meta["uuid"])
         res = (self._use_reservation(reservation_id, uuid, meta["memory_mib"])
-               if reservation_id else self._claim(uuid, meta["memory_mib"]))
+               if reservation_id else self._acct.claim(uuid, meta["memory_mib"]))
         guest = self._start(res, meta["name"], meta["vcpus"], meta["config"],
                             GuestState.INCOMING, incoming=True, owned=not reservation_id)
         try:
@@ -479,24 +419,15 @@ class QemuDriver(HypervisorDriver):
 
     def _check_image(self, meta: dict[str, Any]) -> None:
         try:
-            _norm_uuid(meta["uuid"])
-            self._check_shape(meta["name"], meta["memory_mib"], meta["vcpus"])
+            norm_uuid(meta["uuid"])
+            check_shape(meta["name"], meta["memory_mib"], meta["vcpus"])
             proc.check_config(meta["config"])
         except (KeyError, TypeError, InvalidRequest) as exc:
             raise MalformedStream(f"QEMU image header is invalid: {exc}") from None
-        host = self._host
-        if (meta.get("arch") != host.arch
-                or set(meta.get("virt_features") or ()) != set(host.virt_features)):
-            raise IncompatibleHost(
-                f"image needs {meta.get('arch')} with "
-                f"{','.join(meta.get('virt_features') or ()) or 'no'} extensions; host "
-                f"{host.name} is {host.arch} with {','.join(host.virt_features) or 'none'}")
+        self._host.check_compatible(meta.get("arch"), meta.get("virt_features") or ())
 
     def _use_reservation(self, reservation_id: str, uuid: str, memory_mib: int) -> Reservation:
-        with self._lock:
-            res = self._reservations.get(reservation_id)
-        if res is None:
-            raise ReservationNotFound(f"no reservation {reservation_id} on {self._host.name}")
+        res = self._acct.reservation(reservation_id)
         if res.uuid != uuid or res.memory_mib < memory_mib:
             raise InvalidRequest(f"reservation {res.id} does not fit guest {uuid}")
         return res
@@ -534,8 +465,7 @@ class QemuDriver(HypervisorDriver):
                                   f"{status.get('error-desc') or proc.log_tail(guest.dir)}")
 
     def _discard(self, guest: _Guest) -> None:
-        with self._lock:
-            self._guests.pop(guest.uuid, None)
+        self._acct.remove(guest)
         proc.kill(guest.pid, guest.uuid)
         proc.remove_dir(guest.dir)
 
@@ -592,21 +522,11 @@ class QemuDriver(HypervisorDriver):
 
     # -- reservations and migration ---------------------------------------------------
     def reserve(self, uuid: str, memory_mib: int) -> Reservation:
-        self._check_shape("reservation", memory_mib, 1)
-        return self._claim(_norm_uuid(uuid), memory_mib)
+        return self._acct.reserve(uuid, memory_mib)
 
     def commit_reservation(self, reservation_id: str, spec: GuestSpec) -> GuestInfo:
         """Start an incoming QEMU (``-incoming defer -S``) for a migration."""
-        with self._lock:
-            res = self._reservations.get(reservation_id)
-        if res is None:
-            raise ReservationNotFound(f"no reservation {reservation_id} on {self._host.name}")
-        if spec.uuid and _norm_uuid(spec.uuid) != res.uuid:
-            raise InvalidRequest(f"reservation {res.id} is for guest {res.uuid}")
-        self._check_shape(spec.name, spec.memory_mib, spec.vcpus)
-        if spec.memory_mib > res.memory_mib:
-            raise InsufficientMemory(f"reservation holds {res.memory_mib} MiB, "
-                                     f"guest needs {spec.memory_mib} MiB")
+        res = self._acct.reservation_for(reservation_id, spec)
         config = json.loads(json.dumps(spec.config))
         proc.check_config(config)
         guest = self._start(res, spec.name, spec.vcpus, config, GuestState.INCOMING,
@@ -614,10 +534,7 @@ class QemuDriver(HypervisorDriver):
         return self._info(guest)
 
     def release_reservation(self, reservation_id: str) -> None:
-        with self._lock:
-            if self._reservations.pop(reservation_id, None) is None:
-                raise ReservationNotFound(
-                    f"no reservation {reservation_id} on {self._host.name}")
+        self._acct.release(reservation_id)
 
     def begin_migration(self, uuid: str) -> GuestInfo:
         guest = self._guest(uuid)

@@ -23,23 +23,23 @@ from typing import Any
 
 import numpy as np
 
+from .accounting import HostAccounting
 from .base import (
     PAGE_SIZE,
     PAGES_PER_MIB,
     Capacity,
-    GuestExists,
     GuestInfo,
     GuestNotFound,
     GuestSpec,
     GuestState,
     HostInfo,
     HypervisorDriver,
-    IncompatibleHost,
     InsufficientMemory,
     InvalidGuestState,
     InvalidRequest,
     Reservation,
-    ReservationNotFound,
+    check_shape,
+    norm_uuid,
 )
 from .savestream import (
     MAX_BATCH_PAGES,
@@ -60,8 +60,6 @@ from .workload import (
     retire,
     stamp_pages,
 )
-
-MAX_VCPUS = 64
 
 
 # --------------------------------------------------------------------------
@@ -133,13 +131,6 @@ class _SimGuest:
 
 
 # --------------------------------------------------------------------------
-def _norm_uuid(value: str) -> str:
-    try:
-        return str(uuidlib.UUID(str(value)))
-    except ValueError as exc:
-        raise InvalidRequest(f"invalid guest UUID {value!r}") from exc
-
-
 def _complete_config(config: dict[str, Any], uuid: str) -> dict[str, Any]:
     try:
         return complete_config(config, uuidlib.UUID(uuid).int & (2**63 - 1))
@@ -179,59 +170,24 @@ class SimDriver(HypervisorDriver):
     def __init__(self, name: str = "sim-host", capacity_mib: int = 4096, *,
                  arch: str = "x86_64", virt_features: Iterable[str] = ("vmx",)):
         self._host = HostInfo(name, "sim", arch, tuple(virt_features), capacity_mib)
-        self._lock = threading.RLock()  # guests, reservations, domid counter
-        self._guests: dict[str, _SimGuest] = {}
-        self._reservations: dict[str, Reservation] = {}
-        self._next_domid = 1  # 0 is dom0, as on Xen
+        self._acct: HostAccounting[_SimGuest] = HostAccounting(self._host)
 
     # -- host ---------------------------------------------------------------
     def host_info(self) -> HostInfo:
         return self._host
 
     def capacity(self) -> Capacity:
-        with self._lock:
-            return Capacity(self._host.capacity_mib,
-                            sum(g.memory_mib for g in self._guests.values()),
-                            sum(r.memory_mib for r in self._reservations.values()))
-
-    def _claim(self, uuid: str, memory_mib: int) -> Reservation:
-        with self._lock:
-            if uuid in self._guests:
-                raise GuestExists(f"guest {uuid} already exists on host {self._host.name}")
-            if any(r.uuid == uuid for r in self._reservations.values()):
-                raise GuestExists(f"guest {uuid} is already reserved on {self._host.name}")
-            cap = self.capacity()
-            if memory_mib > cap.free_mib:
-                raise InsufficientMemory(
-                    f"host {self._host.name} cannot fit {memory_mib} MiB: "
-                    f"{cap.free_mib} MiB free of {cap.total_mib} MiB "
-                    f"({cap.used_mib} used, {cap.reserved_mib} reserved)")
-            res = Reservation(uuidlib.uuid4().hex, uuid, memory_mib, self._host.name)
-            self._reservations[res.id] = res
-            return res
-
-    def _register(self, reservation_id: str, guest: _SimGuest) -> None:
-        """Swap the reservation for the guest and give it a domain ID."""
-        with self._lock:
-            if self._reservations.pop(reservation_id, None) is None:
-                raise ReservationNotFound(f"reservation {reservation_id} was released")
-            guest.domid, self._next_domid = self._next_domid, self._next_domid + 1
-            self._guests[guest.uuid] = guest
+        return self._acct.capacity()
 
     def _guest(self, uuid: str) -> _SimGuest:
-        key = _norm_uuid(uuid)
-        with self._lock:
-            guest = self._guests.get(key)
-        if guest is None:
-            raise GuestNotFound(f"no guest {key} on host {self._host.name}")
-        return guest
+        return self._acct.guest(uuid)
 
     # -- lifecycle ----------------------------------------------------------
     def create(self, spec: GuestSpec) -> GuestInfo:
-        uuid = _norm_uuid(spec.uuid) if spec.uuid else str(uuidlib.uuid4())
-        self._check_shape(spec.name, spec.memory_mib, spec.vcpus)
+        uuid = norm_uuid(spec.uuid) if spec.uuid else str(uuidlib.uuid4())
+        check_shape(spec.name, spec.memory_mib, spec.vcpus)
         config = _complete_config(spec.config, uuid)
-        res = self._claim(uuid, spec.memory_mib)
+        res = self._acct.claim(uuid, spec.memory_mib)
         try:  # building memory takes a while: do it outside the driver lock
             content = config["memory_content"]
             memory = build_memory(spec.memory_mib * PAGES_PER_MIB, config["seed"],
@@ -241,22 +197,11 @@ class SimDriver(HypervisorDriver):
         except BaseException:
             self.release_reservation(res.id)
             raise
-        self._register(res.id, guest)
+        self._acct.admit(res.id, guest)
         return self.resume(uuid) if spec.start else guest.info(self._host.name)
 
-    @staticmethod
-    def _check_shape(name: str, memory_mib: int, vcpus: int) -> None:
-        if not isinstance(name, str) or not 1 <= len(name) <= 255:
-            raise InvalidRequest("guest name must be 1..255 characters")
-        for label, value, top in (("memory_mib", memory_mib, 1 << 20),
-                                  ("vcpus", vcpus, MAX_VCPUS)):
-            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= top:
-                raise InvalidRequest(f"{label} must be an integer in 1..{top}")
-
     def list(self) -> list[GuestInfo]:
-        with self._lock:
-            guests = sorted(self._guests.values(), key=lambda g: g.domid)
-        return [g.info(self._host.name) for g in guests]
+        return [g.info(self._host.name) for g in self._acct.by_domid()]
 
     def get(self, uuid: str) -> GuestInfo:
         return self._guest(uuid).info(self._host.name)
@@ -295,7 +240,7 @@ class SimDriver(HypervisorDriver):
         self._destroy(self._guest(uuid), expect=None)
 
     def _destroy(self, g: _SimGuest, expect: GuestState | None) -> None:
-        with self._lock, g.lock:
+        with self._acct.lock, g.lock:
             if g.state is GuestState.SAVING:
                 raise InvalidGuestState(f"guest {g.name} is busy: a save is in progress")
             if expect is not None and g.state is not expect:
@@ -303,16 +248,12 @@ class SimDriver(HypervisorDriver):
                                         f"not {expect.value}")
             g.gone = True
             g.set_active(False)
-            self._guests.pop(g.uuid, None)
+            self._acct.remove(g)
         if g.runner is not None:
             g.runner.stop()
 
     def close(self) -> None:
-        with self._lock:
-            guests = list(self._guests.values())
-            self._guests.clear()
-            self._reservations.clear()
-        for g in guests:
+        for g in self._acct.clear():
             with g.lock:
                 g.gone = True
                 g.set_active(False)
@@ -351,11 +292,11 @@ class SimDriver(HypervisorDriver):
         claim: list[Reservation] = []
 
         def allocate(header: StreamHeader) -> np.ndarray:
-            self._check_compatible(header)
-            self._check_shape(header.name, header.memory_mib, header.vcpus)
+            self._host.check_compatible(header.arch, header.virt_features)
+            check_shape(header.name, header.memory_mib, header.vcpus)
             claim.append(self._use_reservation(reservation_id, header)
                          if reservation_id else
-                         self._claim(header.uuid, header.memory_mib))
+                         self._acct.claim(header.uuid, header.memory_mib))
             return np.zeros(header.npages * PAGE_SIZE, dtype=np.uint8)
 
         try:
@@ -372,22 +313,11 @@ class SimDriver(HypervisorDriver):
             if claim and claim[0].id != reservation_id:
                 self.release_reservation(claim[0].id)
             raise
-        self._register(claim[0].id, guest)
+        self._acct.admit(claim[0].id, guest)
         return self.resume(h.uuid) if start else guest.info(self._host.name)
 
-    def _check_compatible(self, header: StreamHeader) -> None:
-        host = self._host
-        if header.arch != host.arch or set(header.virt_features) != set(host.virt_features):
-            raise IncompatibleHost(
-                f"image needs {header.arch} with {','.join(header.virt_features) or 'no'} "
-                f"extensions; host {host.name} is {host.arch} with "
-                f"{','.join(host.virt_features) or 'none'}")
-
     def _use_reservation(self, reservation_id: str, header: StreamHeader) -> Reservation:
-        with self._lock:
-            res = self._reservations.get(reservation_id)
-        if res is None:
-            raise ReservationNotFound(f"no reservation {reservation_id} on {self._host.name}")
+        res = self._acct.reservation(reservation_id)
         if res.uuid != header.uuid:
             raise InvalidRequest(f"reservation {res.id} is for guest {res.uuid}, "
                                  f"not {header.uuid}")
@@ -398,33 +328,20 @@ class SimDriver(HypervisorDriver):
 
     # -- reservations -------------------------------------------------------
     def reserve(self, uuid: str, memory_mib: int) -> Reservation:
-        self._check_shape("reservation", memory_mib, 1)
-        return self._claim(_norm_uuid(uuid), memory_mib)
+        return self._acct.reserve(uuid, memory_mib)
 
     def commit_reservation(self, reservation_id: str, spec: GuestSpec) -> GuestInfo:
-        with self._lock:
-            res = self._reservations.get(reservation_id)
-        if res is None:
-            raise ReservationNotFound(f"no reservation {reservation_id} on {self._host.name}")
-        if spec.uuid and _norm_uuid(spec.uuid) != res.uuid:
-            raise InvalidRequest(f"reservation {res.id} is for guest {res.uuid}")
-        self._check_shape(spec.name, spec.memory_mib, spec.vcpus)
-        if spec.memory_mib > res.memory_mib:
-            raise InsufficientMemory(f"reservation holds {res.memory_mib} MiB, "
-                                     f"guest needs {spec.memory_mib} MiB")
+        res = self._acct.reservation_for(reservation_id, spec)
         config = _complete_config(spec.config, res.uuid)
         guest = _SimGuest(res.uuid, spec.name, spec.memory_mib, spec.vcpus, config,
                           np.zeros(spec.memory_mib * PAGES_PER_MIB * PAGE_SIZE, np.uint8),
                           np.zeros((spec.vcpus, VCPU_REGS), dtype="<u8"))
         guest.state = GuestState.INCOMING
-        self._register(res.id, guest)
+        self._acct.admit(res.id, guest)
         return guest.info(self._host.name)
 
     def release_reservation(self, reservation_id: str) -> None:
-        with self._lock:
-            if self._reservations.pop(reservation_id, None) is None:
-                raise ReservationNotFound(
-                    f"no reservation {reservation_id} on {self._host.name}")
+        self._acct.release(reservation_id)
 
     # -- migration support --------------------------------------------------
     def begin_migration(self, uuid: str) -> GuestInfo:
