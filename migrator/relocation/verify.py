@@ -37,7 +37,8 @@ from migrator.hypervisor.base import PAGE_SIZE, HypervisorDriver
 from .protocol import Fingerprints
 
 VERIFY_MODES = ("sampled", "incremental", "full")
-SAMPLE_PAGES = 2048  # 8 MiB: ≈3 ms of fingerprints per end
+SAMPLE_PAGES = 1024  # 4 MiB: a few ms per end, inside the downtime
+_SAMPLE_BATCH = 16   # pages gathered at a time (64 KiB)
 _SAMPLE_DOMAIN = b"berth-relocation-sample-v1"
 
 
@@ -55,12 +56,30 @@ def sample_indices(seed: bytes, npages: int, count: int = SAMPLE_PAGES) -> np.nd
 def sample_digest(driver: HypervisorDriver, uuid: str, seed: bytes, npages: int) -> str:
     """SHA-256 over the sampled pages' indices and fingerprints."""
     idx = sample_indices(seed, npages)
-    pages = np.frombuffer(driver.read_pages(uuid, idx), dtype=np.uint8).reshape(-1, PAGE_SIZE)
     h = hashlib.sha256(_SAMPLE_DOMAIN)
     h.update(struct.pack("<Q", len(idx)))
     h.update(idx.astype("<u8").tobytes())
-    h.update(Fingerprints(seed, 0).of(pages).astype("<u8", copy=False).tobytes())
+    h.update(_sample_fingerprints(driver, uuid, seed, idx).astype("<u8", copy=False).tobytes())
     return h.hexdigest()
+
+
+def _sample_fingerprints(driver: HypervisorDriver, uuid: str, seed: bytes,
+                         idx: np.ndarray) -> np.ndarray:
+    # This runs inside the downtime: pages are gathered a few at a time into
+    # one small buffer, never into fresh megabytes (a first touch costs ~10 µs
+    # per page in a nested VM: 8 MiB fresh took 40 ms, more than the rest).
+    fingerprints, memory = Fingerprints(seed, 0), driver.map_memory(uuid)
+    buf = np.empty((_SAMPLE_BATCH, PAGE_SIZE), dtype=np.uint8)
+    out = np.empty(len(idx), dtype=np.uint64)
+    for start in range(0, len(idx), _SAMPLE_BATCH):
+        part = idx[start:start + _SAMPLE_BATCH]
+        pages = buf[:len(part)]
+        if memory is not None:
+            np.take(memory, part, axis=0, out=pages)
+        else:
+            driver.read_pages_into(uuid, part, pages)
+        out[start:start + len(part)] = fingerprints.of(pages)
+    return out
 
 
 def commit_digests(mode: str, driver: HypervisorDriver, uuid: str, seed: bytes, npages: int,

@@ -70,3 +70,23 @@ def test_an_image_with_a_page_that_never_arrived_is_not_committed(source, destin
     assert "incomplete image: 1 of 1024 pages never arrived" in result["reason"]
     assert source.get(guest.uuid).state.value == "running"
     assert_destination_clean(dest, capacity)
+
+
+def test_the_sample_is_the_same_through_mapped_memory_or_page_reads():
+    class Unmapped(SimDriver):
+        def map_memory(self, uuid):
+            return None
+
+    a, b = SimDriver("a", 64), Unmapped("b", 64)
+    try:
+        ga, gb = _guest(a, mib=16), _guest(b, mib=16)  # 4096 pages: a real sample
+        data = np.random.default_rng(3).integers(0, 256, (ga.npages, PAGE_SIZE), np.uint8)
+        for driver, guest in ((a, ga), (b, gb)):
+            driver.write_pages(guest.uuid, np.arange(guest.npages), data.tobytes())
+        seed = b"m" * 32
+        digests = [commit_digests("sampled", d, g.uuid, seed, g.npages, None, b"")
+                   for d, g in ((a, ga), (b, gb))]
+        assert digests[0] == digests[1] and digests[0]["sample_digest"]
+    finally:
+        a.close()
+        b.close()
