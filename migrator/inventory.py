@@ -203,6 +203,7 @@ def record_result(host, message):
     if job is None:
         return job_id  # unknown to us: ack so the agent stops resending it
     if job.is_final:
+        _late_report(host, job, message)
         return job_id
     state, error = message.get("state"), str(message.get("error", ""))[:2000]
     result = message.get("result") or {}
@@ -223,6 +224,28 @@ def record_result(host, message):
     _audit_outcome(host, job)
     transaction.on_commit(lambda: progress.publish(job, "final"))
     return job_id
+
+
+def _late_report(host, job, message):
+    """A result for a job the portal had already ended - it presumed the agent
+    gone (a long portal restart, a partition), or aborted it while its host was
+    offline.  Final stays final, but the job shows what the agent says really
+    happened, the audit trail records it, and a real success moves the guest's
+    row at once instead of at the next inventory."""
+    state = message.get("state")
+    if state == job.state or "late_report" in job.result or state not in JobState.values:
+        return  # the same outcome, re-sent; or one we already noted
+    error = str(message.get("error", ""))[:2000]
+    job.result = {**job.result, "late_report": {
+        "state": state, "error": error, "host": host.name, "at": timezone.now().isoformat()}}
+    job.save(update_fields=["result"])
+    if state == JobState.SUCCEEDED:
+        _apply_outcome(host, job, message.get("result") or {})
+    log.warning("job %s was %s, but %s reports it %s", job.id, job.state, host.name, state)
+    audit.record("job.late_result", actor=host_actor(host), target=f"job:{job.id}",
+                 outcome=Outcome.ALLOWED if state == JobState.SUCCEEDED else Outcome.FAILED,
+                 details={"job_state": job.state, "reported": state, "error": error})
+    transaction.on_commit(lambda: progress.publish(job, "final"))
 
 
 def _apply_outcome(host, job, result):

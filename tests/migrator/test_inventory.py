@@ -52,3 +52,35 @@ def test_once_the_migration_is_over_the_destination_is_believed(migrating):
     inventory.sync_guests(Host.objects.get(name="hostc"), [ARRIVED])
     row = guest_row()
     assert (row.host.name, row.domain_id) == ("hostc", 7)
+
+
+def test_a_late_result_is_shown_and_believed_but_the_job_stays_final(migrating, client,
+                                                                      admin_user):
+    """The portal failed the job (the agent seemed gone); the agent then reports
+    that the migration succeeded.  Final stays final, but the page says what
+    happened, the audit trail has it, and the guest's row follows at once."""
+    from portal.models import AuditRecord
+
+    migrating.fail("the agent on hostb went away and did not come back within 60 s")
+    migrating.save()
+    hostb = Host.objects.get(name="hostb")
+    late = {"job": str(migrating.id), "state": "succeeded", "result": {"guest": ARRIVED}}
+    for _ in range(2):  # the agent re-sends until acknowledged: noted once
+        assert inventory.record_result(hostb, late) == str(migrating.id)
+    job = Job.objects.get(id=migrating.id)
+    assert job.state == JobState.FAILED and "went away" in job.error
+    assert job.result["late_report"]["state"] == "succeeded"
+    assert job.result["late_report"]["host"] == "hostb"
+    assert (guest_row().host.name, guest_row().domain_id) == ("hostc", 7)
+    assert AuditRecord.objects.filter(action="job.late_result").count() == 1
+    client.force_login(admin_user)
+    page = client.get(f"/jobs/{job.id}/").content.decode()
+    assert "reported it <strong>succeeded</strong>" in page
+
+
+def test_a_re_sent_result_of_the_same_outcome_adds_nothing(migrating):
+    migrating.fail("boom")
+    migrating.save()
+    inventory.record_result(Host.objects.get(name="hostb"),
+                            {"job": str(migrating.id), "state": "failed", "error": "boom"})
+    assert "late_report" not in Job.objects.get(id=migrating.id).result
