@@ -47,6 +47,13 @@
           final.appendChild(dt); final.appendChild(dd);
         });
     }
+    // An outcome the agent reported after the job had ended is drawn by the
+    // server too: reload once when one arrives.
+    if (job.result && job.result.late_report && !document.getElementById("job-late-report")
+        && !root.dataset.lateReloaded) {
+      root.dataset.lateReloaded = "1";
+      setTimeout(function () { location.reload(); }, 800);
+    }
     // A migration in doubt: its panel (answers, decision, admin form) is drawn
     // by the server; reload once whenever the resolution moves on.
     var resolution = (job.resolution && job.resolution.state) || "";
