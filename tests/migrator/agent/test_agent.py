@@ -12,6 +12,7 @@ import numpy as np
 from migrator.agent import Agent, Outbox
 from migrator.hypervisor import GuestSpec, GuestState, SimDriver
 from migrator.hypervisor.savestream import parse_stream
+from tests.support.polling import wait_for
 
 from .conftest import (
     BUSY,
@@ -32,10 +33,7 @@ def only_guest(agent):
 
 
 def wait_until(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.02)
+    wait_for(predicate, "the condition", timeout, interval=0.02)
 
 
 # -- connection ------------------------------------------------------------------

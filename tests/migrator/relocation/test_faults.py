@@ -13,6 +13,7 @@ import pytest
 
 from migrator.hypervisor import PAGE_SIZE, GuestState, SimDriver
 from migrator.relocation import HostFacts
+from tests.support.polling import wait_for
 
 from .conftest import (
     SUBNET,
@@ -319,9 +320,4 @@ def test_destination_activated_but_the_answer_was_lost(source, drivers, destinat
 
 
 def _wait(predicate, timeout=5.0):
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_for(predicate, "the condition", timeout, interval=0.01)

@@ -17,6 +17,7 @@ from migrator.relocation import HostFacts, MigrationSettings, RelocationServer, 
 from migrator.relocation.qemu_tls import QemuMigration, qemu_identity
 from migrator.tls import AllowList
 from tests.migrator.relocation.conftest import IP, STORAGE, SUBNET, TICKET
+from tests.support.polling import wait_for
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,
                                 reason="qemu-system-x86_64 is not installed "
@@ -55,12 +56,7 @@ def engine(source, uuid, server, context, events, **settings: Any) -> QemuMigrat
 
 
 def wait_until(check, what: str, timeout: float = 15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := check():
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    return wait_for(check, what, timeout)
 
 
 def test_a_qemu_guest_migrates_over_tls_with_its_memory_and_the_source_is_gone(hosts, pki):
