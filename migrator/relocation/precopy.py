@@ -43,7 +43,7 @@ from .protocol import (
     encode_pages,
     touched_buffer,
 )
-from .verify import VERIFY_MODES, commit_digests
+from .verify import VERIFY_MODES, SampledCheck, commit_digests, prepare
 
 log = logging.getLogger("berth.relocation")
 
@@ -156,6 +156,7 @@ class PrecopyMigration:
         self._sender: FrameSender | None = None
         self._memory: np.ndarray | None = None  # the guest's, if the driver maps it
         self._fps: Fingerprints | None = None    # verify="incremental" only
+        self._sample: SampledCheck | None = None  # verify="sampled" only
         self._buffers: list[tuple[bytearray, bytearray]] = []  # see _reserve, _send_pages
         self._stage = "pre-migration"
         self._began = self._dirty_log = self._paused = False
@@ -282,8 +283,7 @@ class PrecopyMigration:
         return Channel(tls, io_timeout=s.io_timeout)
 
     def _start_sending(self) -> None:
-        self._fps = (Fingerprints(self._seed, self._info.npages)
-                     if self.settings.verify == "incremental" else None)
+        self._fps, self._sample = prepare(self.settings.verify, self._seed, self._info.npages)
         self._memory = self.driver.map_memory(self.uuid)
         self._sender = FrameSender(self._chan, SENDER_DEPTH)
 
@@ -416,8 +416,8 @@ class PrecopyMigration:
         vcpu = self.driver.get_vcpu_state(self.uuid)
         self._chan.send(Msg.VCPU, vcpu)
         # The destination computes its digests while we compute ours.
-        self._mine = commit_digests(self.settings.verify, self.driver, self.uuid, self._seed,
-                                    self._info.npages, self._fps, vcpu)
+        self._mine = commit_digests(self.settings.verify, self.driver, self.uuid, vcpu,
+                                    self._fps, self._sample)
         self._chan.send_json(Msg.COMMIT, {**self._mine, "pages_sent": self._pages})
         self._mark("commit_sent")
 

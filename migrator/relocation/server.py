@@ -53,7 +53,6 @@ from .protocol import (
     PROTOCOL_VERSION,
     Channel,
     DecodedBatch,
-    Fingerprints,
     FramePrefetcher,
     Msg,
     ProtocolError,
@@ -62,7 +61,7 @@ from .protocol import (
     frame_buffers,
 )
 from .tickets import TicketBook, TicketRefused
-from .verify import VERIFY_MODES, commit_digests
+from .verify import VERIFY_MODES, commit_digests, prepare
 
 log = logging.getLogger("berth.relocation")
 
@@ -214,8 +213,7 @@ class _Incoming:
             raise Refusal("reservation", str(exc)) from None
         self.built, self.reservation = True, None
         self.npages = info.npages
-        self.seed = seed
-        self.fps = Fingerprints(seed, self.npages) if self.verify == "incremental" else None
+        self.fps, self.sample = prepare(self.verify, seed, self.npages)
         self.seen = np.zeros(self.npages, dtype=bool)  # pages that arrived at least once
         self.known_zero = np.ones(self.npages, dtype=bool)  # a new container is zeroed
         if self.server.populate:
@@ -253,8 +251,8 @@ class _Incoming:
             raise Refusal("commitment", f"incomplete image: {missing} of {self.npages} "
                           "pages never arrived")
         # Digests now: the source computes its own at the same time.
-        mine = commit_digests(self.verify, self.driver, self.uuid, self.seed, self.npages,
-                              self.fps, self.driver.get_vcpu_state(self.uuid))
+        mine = commit_digests(self.verify, self.driver, self.uuid,
+                              self.driver.get_vcpu_state(self.uuid), self.fps, self.sample)
         msg, commit = self.chan.recv_json({Msg.COMMIT, Msg.ABORT})
         if msg is Msg.ABORT:
             raise SourceAborted(commit.get("reason", "no reason"))

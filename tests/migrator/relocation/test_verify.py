@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from migrator.hypervisor import PAGE_SIZE, GuestSpec, SimDriver
-from migrator.relocation.verify import SAMPLE_PAGES, commit_digests, sample_indices
+from migrator.relocation.verify import SAMPLE_PAGES, commit_digests, prepare, sample_indices
 
 from .conftest import IP, STORAGE, TICKET, assert_destination_clean, migration
 
@@ -43,7 +43,7 @@ def test_digests_of_actual_memory_see_one_changed_sampled_page(mode):
         b.write_pages(gb.uuid, [page], b"\x01" + bytes(PAGE_SIZE - 1))
 
         def digests(driver, uuid):
-            return commit_digests(mode, driver, uuid, seed, ga.npages, None, b"vcpu")
+            return commit_digests(mode, driver, uuid, b"vcpu", *prepare(mode, seed, ga.npages))
 
         mine, theirs = digests(a, ga.uuid), digests(b, gb.uuid)
         changed = {k for k in mine if mine[k] != theirs[k]}
@@ -84,7 +84,7 @@ def test_the_sample_is_the_same_through_mapped_memory_or_page_reads():
         for driver, guest in ((a, ga), (b, gb)):
             driver.write_pages(guest.uuid, np.arange(guest.npages), data.tobytes())
         seed = b"m" * 32
-        digests = [commit_digests("sampled", d, g.uuid, seed, g.npages, None, b"")
+        digests = [commit_digests("sampled", d, g.uuid, b"", *prepare("sampled", seed, g.npages))
                    for d, g in ((a, ga), (b, gb))]
         assert digests[0] == digests[1] and digests[0]["sample_digest"]
     finally:
