@@ -45,6 +45,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tests.support.browser_socket import sign_in  # noqa: E402
 from tests.support.polling import wait_for  # noqa: E402
 
 MiB = 1024 * 1024
@@ -233,20 +234,6 @@ class Api:
 
     def guests(self):
         return {g["name"]: g for g in self.get("/api/v1/guests/")["results"]}
-
-
-def session_cookie(url, username, password):
-    """Sign in through the login page, as a browser does; return the session cookie."""
-    import httpx
-
-    with httpx.Client(base_url=url, timeout=30) as browser:
-        page = browser.get("/login/").text
-        csrf = page.split('name="csrfmiddlewaretoken" value="')[1].split('"')[0]
-        response = browser.post("/login/", data={"username": username, "password": password,
-                                                 "csrfmiddlewaretoken": csrf})
-        if response.status_code != 302 or "sessionid" not in browser.cookies:
-            raise RuntimeError(f"sign-in failed: {response.status_code}")
-        return browser.cookies["sessionid"]
 
 
 # --------------------------------------------------------------------------
@@ -519,7 +506,7 @@ def run(args, work: Path, database: str) -> dict:
         api = Api(portal.url, token)
         wait_for(lambda: sum(h["online"] for h in api.get("/api/v1/hosts/")["results"])
                  == len(HOSTS), "four hosts online", 60, POLL_S)
-        cookie = session_cookie(portal.url, "auditor", passwords["auditor"])
+        cookie = sign_in(portal.url, "auditor", passwords["auditor"])
         live = {"downtime_ms": args.downtime_ms}
         report["watchers"] = watchers_phase(portal, api, agents, cookie, args.watchers, live,
                                             deflate=not args.no_deflate)

@@ -21,14 +21,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from migrator.hypervisor.base import PAGES_PER_MIB
+from migrator.hypervisor.base import MAX_VCPUS, PAGES_PER_MIB
 from migrator.hypervisor.qemu_process import GUEST_KEYS as QEMU_GUEST_KEYS
 from migrator.hypervisor.qemu_process import check_config
 from migrator.hypervisor.workload import resolve_profile
 
 DRIVERS = ("sim", "qemu")
 HOST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-MAX_VCPUS = 64
 
 
 class ConfigError(ValueError):
