@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 M_TRIM_THRESHOLD = -1
 M_TOP_PAD = -2
 M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
 MiB = 1024 * 1024
 # Above the largest streaming buffer (4 MiB); larger blocks still get their own mmap.
 MMAP_THRESHOLD = 8 * MiB
@@ -30,7 +31,13 @@ MMAP_THRESHOLD = 8 * MiB
 # larger values bought no speed and cost ~10 MiB of peak RSS in the benchmark.
 TRIM_THRESHOLD = 16 * MiB
 TOP_PAD = 2 * MiB
-OPERATOR_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+# Each thread that allocates (the event loop, the sealing and hashing threads,
+# the executor's) would get its own arena, each keeping up to TRIM_THRESHOLD
+# free: two arenas took the 4 GiB benchmark's peak RSS from 138-140 MiB to
+# 130-133 (one: 123) at the same speed.
+ARENA_MAX = 2
+OPERATOR_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
+                     "MALLOC_ARENA_MAX")
 
 
 def is_glibc() -> bool:
@@ -51,7 +58,7 @@ def tune_for_streaming() -> bool:
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     ok = all(mallopt(param, value) == 1 for param, value in (
         (M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD),
-        (M_TOP_PAD, TOP_PAD)))
+        (M_TOP_PAD, TOP_PAD), (M_ARENA_MAX, ARENA_MAX)))
     if not ok:
         log.warning("malloc tuning for streaming was refused; large transfers will be slower")
     return ok
