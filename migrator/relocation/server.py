@@ -280,16 +280,17 @@ class _Incoming:
         if batch.placed is not None:  # already in the container's memory
             if self.fps is not None:
                 self.fps.update_runs(idx, present, self.memory, batch.placed)
-        elif len(batch.data):
-            self.driver.write_pages(self.uuid, idx[present],
-                                    memoryview(batch.data.reshape(-1)))
+        else:
+            if len(batch.data):
+                self.driver.write_pages(self.uuid, idx[present],
+                                        memoryview(batch.data.reshape(-1)))
+            if self.fps is not None:
+                self.fps.update(idx, present, batch.data)
         zero = idx[~present]
         stale = zero[~self.known_zero[zero]]  # only pages that held data need zeroing
         if len(stale):
             self.driver.write_pages(self.uuid, stale, _ZEROS[:len(stale) * PAGE_SIZE])
         self.known_zero[idx] = ~present
-        if batch.placed is None and self.fps is not None:
-            self.fps.update(idx, present, batch.data)
         self.seen[idx] = True
         self.pages += len(idx)
 
