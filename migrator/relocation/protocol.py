@@ -316,7 +316,8 @@ def encode_pages(indices: np.ndarray, data: bytes | memoryview,
     non-zero pages in index order.  The frame comes in two parts, sent back
     to back, so the page bytes are never copied behind a header: when no page
     is zero they are ``data`` itself, else one boolean-mask gather (into
-    ``scratch``, a reusable buffer as large as ``data``, if given).
+    ``scratch``, a reusable buffer as large as ``data``, if given).  With
+    ``fingerprints`` (``verify="incremental"``) the pages are recorded there.
     """
     count = len(indices)
     if not 1 <= count <= MAX_BATCH_PAGES:
