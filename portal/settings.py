@@ -288,6 +288,14 @@ VAULT_ADMINS_HOLD_ALL = env_bool("VAULT_ADMINS_HOLD_ALL", True)
 # Seconds an unreferenced object must have existed before start-up cleanup
 # removes it: another portal process may be committing it right now.
 VAULT_ORPHAN_GRACE_SECONDS = env_int("VAULT_ORPHAN_GRACE_SECONDS", 3600)
+# Where image objects live: "local" (VAULT_DIR) or "s3" (an S3-compatible
+# bucket several portal machines can share). S3 credentials come from boto3's
+# own chain (AWS_ACCESS_KEY_ID..., instance role), never from these settings.
+VAULT_STORAGE = env("VAULT_STORAGE", "local")
+VAULT_S3_BUCKET = env("VAULT_S3_BUCKET", "")
+VAULT_S3_PREFIX = env("VAULT_S3_PREFIX", "")
+VAULT_S3_ENDPOINT = env("VAULT_S3_ENDPOINT", "")
+VAULT_S3_REGION = env("VAULT_S3_REGION", "")
 
 # --- hosts and jobs -------------------------------------------------------------
 PKI_DIR = Path(env("PKI_DIR", DATA_DIR / "pki")).resolve()

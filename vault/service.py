@@ -10,6 +10,7 @@ import uuid
 from functools import lru_cache
 
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 from django.db import transaction
 from django.utils import timezone
 from guardian.shortcuts import assign_perm
@@ -30,7 +31,19 @@ ALGORITHMS = {"aes-256-gcm": vformat.ALG_AES_256_GCM,
 
 @lru_cache(maxsize=1)
 def storage():
-    return LocalStorage(settings.VAULT_DIR)
+    """The vault's storage backend, as ``BERTH_VAULT_STORAGE`` says."""
+    if settings.VAULT_STORAGE == "local":
+        return LocalStorage(settings.VAULT_DIR)
+    if settings.VAULT_STORAGE == "s3":
+        if not settings.VAULT_S3_BUCKET:
+            raise ImproperlyConfigured("BERTH_VAULT_STORAGE=s3 needs BERTH_VAULT_S3_BUCKET")
+        from vault.objectstore import S3Storage  # boto3 is loaded only when used
+
+        return S3Storage(settings.VAULT_S3_BUCKET, prefix=settings.VAULT_S3_PREFIX,
+                         endpoint_url=settings.VAULT_S3_ENDPOINT or None,
+                         region=settings.VAULT_S3_REGION or None)
+    raise ImproperlyConfigured(
+        f"BERTH_VAULT_STORAGE must be 'local' or 's3', not {settings.VAULT_STORAGE!r}")
 
 
 @lru_cache(maxsize=1)

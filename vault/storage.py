@@ -44,10 +44,13 @@ __all__ = [
     "ObjectNotFound",
     "ObjectExists",
     "Writer",
+    "TrackedWriter",
     "Storage",
     "LocalStorage",
     "LocalWriter",
     "validate_image_id",
+    "is_image_id",
+    "check_envelope",
     "MAX_ENVELOPE_BYTES",
 ]
 
@@ -88,6 +91,19 @@ def validate_image_id(image_id) -> str:
     raise InvalidImageId(f"invalid image id {image_id!r}: expected a UUID string")
 
 
+def is_image_id(name: str) -> bool:
+    """Whether a stored name is a canonical image id (listings skip anything else)."""
+    return bool(_UUID_RE.match(name))
+
+
+def check_envelope(envelope) -> None:
+    """Refuse what cannot be an envelope before any backend stores it."""
+    if not isinstance(envelope, bytes | bytearray | memoryview):
+        raise TypeError("an envelope is bytes")
+    if len(envelope) > MAX_ENVELOPE_BYTES:
+        raise StorageError(f"envelope of {len(envelope)} bytes is implausibly large")
+
+
 # --- the interface ---------------------------------------------------------------------
 
 class Writer(ABC):
@@ -124,6 +140,29 @@ class Writer(ABC):
         if not self.committed:
             self.abort()
         return False
+
+
+class TrackedWriter(Writer):
+    """A writer whose state is ``open``, then ``committed`` or ``aborted``.
+
+    The bookkeeping every backend's writer shares: subclasses set
+    ``image_id``, ``bytes_written`` and ``_state = "open"``.
+    """
+
+    image_id: str
+    bytes_written: int
+    _state: str
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self.image_id} {self._state} {self.bytes_written} bytes>"
+
+    @property
+    def committed(self) -> bool:
+        return self._state == "committed"
+
+    def _require_open(self, action: str) -> None:
+        if self._state != "open":
+            raise StorageError(f"{action} a {self._state} writer for image {self.image_id}")
 
 
 class Storage(ABC):
@@ -258,7 +297,7 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
         _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
-class LocalWriter(Writer):
+class LocalWriter(TrackedWriter):
     """Writes ``.<id>.img.partial-<random>`` beside the final name; commit renames it."""
 
     def __init__(self, storage: LocalStorage, image_id: str):
@@ -276,16 +315,8 @@ class LocalWriter(Writer):
         self._written_back = 0
         self._state = "open"
 
-    def __repr__(self):
-        return f"<{type(self).__name__} {self.image_id} {self._state} {self.bytes_written} bytes>"
-
-    @property
-    def committed(self) -> bool:
-        return self._state == "committed"
-
     def write(self, data: bytes) -> int:
-        if self._state != "open":
-            raise StorageError(f"write to a {self._state} writer for image {self.image_id}")
+        self._require_open("write to")
         n = len(memoryview(data).cast("B"))
         _write_all(self._fd, data)
         self.bytes_written += n
@@ -295,8 +326,7 @@ class LocalWriter(Writer):
         return n
 
     def commit(self) -> None:
-        if self._state != "open":
-            raise StorageError(f"commit of a {self._state} writer for image {self.image_id}")
+        self._require_open("commit of")
         renamed = False
         try:
             os.fsync(self._fd)
@@ -420,10 +450,7 @@ class LocalStorage(Storage):
     # Envelopes.
     def put_envelope(self, image_id, envelope: bytes) -> None:
         image_id = validate_image_id(image_id)
-        if not isinstance(envelope, bytes | bytearray | memoryview):
-            raise TypeError("an envelope is bytes")
-        if len(envelope) > MAX_ENVELOPE_BYTES:
-            raise StorageError(f"envelope of {len(envelope)} bytes is implausibly large")
+        check_envelope(envelope)
         final = self._envelope_path(image_id)
         self._ensure_dir(final.parent)
         partial = final.parent / f".{final.name}.partial-{secrets.token_hex(8)}"

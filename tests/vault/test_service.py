@@ -1,0 +1,63 @@
+"""vault.service: which storage backend the settings choose, and the portal on S3."""
+import pytest
+from django.core.exceptions import ImproperlyConfigured
+
+from tests.vault.conftest import memory_like, store_image
+from tests.vault.test_download import body
+from vault import maintenance, service
+from vault.objectstore import S3Storage
+from vault.storage import LocalStorage
+
+
+@pytest.fixture
+def s3_settings(settings, s3_endpoint, s3_bucket):
+    settings.VAULT_STORAGE = "s3"
+    settings.VAULT_S3_BUCKET = s3_bucket
+    settings.VAULT_S3_PREFIX = "berth"
+    settings.VAULT_S3_ENDPOINT = s3_endpoint
+    settings.VAULT_S3_REGION = "us-east-1"
+    service.reset_caches()
+    yield settings
+    service.reset_caches()
+
+
+def test_local_storage_is_the_default(settings):
+    assert settings.VAULT_STORAGE == "local"
+    assert isinstance(service.storage(), LocalStorage)
+
+
+def test_s3_storage_is_built_from_the_settings(s3_settings):
+    store = service.storage()
+    assert isinstance(store, S3Storage)
+    assert (store.bucket, store.prefix) == (s3_settings.VAULT_S3_BUCKET, "berth/")
+
+
+@pytest.mark.parametrize("backend,bucket,message", [
+    ("s3", "", "BERTH_VAULT_S3_BUCKET"),
+    ("ftp", "bucket", "must be 'local' or 's3'"),
+])
+def test_a_misconfigured_backend_is_one_clear_line(settings, backend, bucket, message):
+    settings.VAULT_STORAGE, settings.VAULT_S3_BUCKET = backend, bucket
+    service.reset_caches()
+    with pytest.raises(ImproperlyConfigured, match=message) as raised:
+        service.storage()
+    assert "\n" not in str(raised.value)
+    service.reset_caches()
+
+
+def test_the_portal_stores_downloads_and_shreds_images_in_s3(s3_settings, admin_user,
+                                                              admin_client):
+    data = memory_like(2 * 1024 * 1024 + 4321)
+    image = store_image(admin_user, data)
+    store = service.storage()
+    assert store.list_ids() == [str(image.id)]
+    response = admin_client.get(f"/api/v1/images/{image.id}/content")
+    assert response.status_code == 200 and body(response) == data
+    response = admin_client.get(f"/api/v1/images/{image.id}/content",
+                                HTTP_RANGE="bytes=1048570-1048600")
+    assert response.status_code == 206 and body(response) == data[1048570:1048601]
+    assert service.verify(image) == (True, "")
+    assert maintenance.cleanup_at_startup() == (0, 0)
+    assert admin_client.delete(f"/api/v1/images/{image.id}").status_code == 204
+    listing = store.client.list_objects_v2(Bucket=store.bucket)
+    assert listing.get("KeyCount") == 0
