@@ -60,6 +60,9 @@ log = logging.getLogger(__name__)
 PART_BYTES = 8 * 1024 * 1024        # S3 refuses parts under 5 MiB, except the last
 MIN_PART_BYTES = 5 * 1024 * 1024
 READ_AHEAD_BYTES = 8 * 1024 * 1024  # a record is at most ~1 MiB: one GET serves several
+# What a read after a jump fetches: enough for a record's length prefix and the
+# start of its record, not a whole window that the next jump would waste.
+SEEK_FETCH_BYTES = 64 * 1024
 # An upload older than this is taken for a crashed one: no lock can tell a
 # live multipart upload from a dead one, so age is all there is to go on.
 PARTIAL_GRACE_SECONDS = 24 * 3600
@@ -136,9 +139,9 @@ class S3Writer(TrackedWriter):
         response = _call(f"upload part {number} of image {self.image_id}",
                          self._storage.client.upload_part,
                          Bucket=self._storage.bucket, Key=self._key,
-                         UploadId=self._upload_id, PartNumber=number, Body=bytes(self._buffer))
+                         UploadId=self._upload_id, PartNumber=number, Body=self._buffer)
         self._parts.append({"PartNumber": number, "ETag": response["ETag"]})
-        self._buffer = bytearray()  # the only part buffer: memory stays at one part
+        self._buffer = bytearray()  # the part went as it was (no copy); one buffer at a time
 
     def commit(self) -> None:
         self._require_open("commit of")
@@ -179,11 +182,15 @@ class S3Writer(TrackedWriter):
 class S3Reader(io.RawIOBase):
     """A seekable, read-only view of one object, read by ranged GETs.
 
-    Each GET fetches a window of ``read_ahead`` bytes from the first byte
-    wanted, so a reader that seeks and reads small pieces sequentially (the
-    vault's ``ImageReader``: a 4-byte length, then a record) makes one request
-    per window rather than per read. Reads are pinned to the ETag seen at
-    open, so a replaced object is an error rather than a mix of two.
+    A read that continues where the previous one ended fetches a window of
+    ``read_ahead`` bytes, so a reader that reads small pieces sequentially
+    (the vault's ``ImageReader``: a 4-byte length, then a record, then the
+    next) makes one request per window rather than per read. A read after a
+    jump fetches only ``SEEK_FETCH_BYTES``: ``ImageReader`` builds its chunk
+    index by jumping from length prefix to length prefix, and full windows
+    there would download the whole image to learn 4 bytes per chunk. Reads are
+    pinned to the ETag seen at open, so a replaced object is an error rather
+    than a mix of two.
     """
 
     def __init__(self, client, bucket: str, key: str, size: int, etag: str, *,
@@ -193,10 +200,14 @@ class S3Reader(io.RawIOBase):
         self._size, self._etag = size, etag
         self._read_ahead = read_ahead
         self._pos = 0
+        # Where the previous read ended: is this one sequential? Not the first:
+        # a header read, or a range in the middle, needs no window from byte 0.
+        self._last_end = -1
         self._window_start = 0
         self._window = b""
         self.name = name or key
-        self.requests = 0  # GETs made: the read-ahead is measurable
+        self.requests = 0  # GETs made and bytes fetched: the read-ahead is measurable
+        self.bytes_fetched = 0
 
     def __repr__(self):
         return f"<{type(self).__name__} {self.name} {self._size} bytes at {self._pos}>"
@@ -225,6 +236,7 @@ class S3Reader(io.RawIOBase):
         """Fill ``buffer`` as far as the object goes (callers read exact lengths)."""
         self._checkClosed()
         out = memoryview(buffer).cast("B")
+        sequential = self._pos == self._last_end
         filled = 0
         while filled < len(out) and self._pos < self._size:
             offset = self._pos - self._window_start
@@ -236,21 +248,27 @@ class S3Reader(io.RawIOBase):
                     filled += len(got)
                     self._pos += len(got)
                     continue
+                fetch = self._read_ahead if sequential else max(wanted, SEEK_FETCH_BYTES)
                 self._window_start = self._pos
-                self._window = self._get(self._pos, self._read_ahead)
+                self._window = self._get(self._pos, fetch)
                 offset = 0
+                sequential = True  # the rest of this read continues what was just fetched
             n = min(len(out) - filled, len(self._window) - offset)
             out[filled:filled + n] = self._window[offset:offset + n]
             filled += n
             self._pos += n
+        self._last_end = self._pos
         return filled
 
     def _get(self, start: int, length: int) -> bytes:
         end = min(start + length, self._size) - 1
         self.requests += 1
-        response = _call(f"read {self.name}", self._client.get_object,
-                         Bucket=self._bucket, Key=self._key, Range=f"bytes={start}-{end}",
-                         IfMatch=self._etag)
+        try:
+            response = _call(f"read {self.name}", self._client.get_object,
+                             Bucket=self._bucket, Key=self._key, Range=f"bytes={start}-{end}",
+                             IfMatch=self._etag)
+        except ObjectExists:  # 412 on If-Match: not the object this reader opened
+            raise StorageError(f"read {self.name}: the object changed while open") from None
         try:
             data = response["Body"].read()
         except (BotoCoreError, OSError) as exc:
@@ -259,6 +277,7 @@ class S3Reader(io.RawIOBase):
             response["Body"].close()
         if len(data) != end - start + 1:
             raise StorageError(f"read {self.name}: short ranged read")
+        self.bytes_fetched += len(data)
         return data
 
     def close(self) -> None:
@@ -321,8 +340,9 @@ class S3Storage(Storage):
         return self._head(image_id)["ContentLength"]
 
     def mtime(self, image_id) -> float:
-        """S3's Last-Modified. For a multipart object that is when the upload
-        *started* on AWS (not when it completed): older, never younger."""
+        """S3's Last-Modified. For a multipart object AWS may give when the
+        upload *started* rather than completed: older, never younger, so an
+        orphan grace period must outlast the longest upload."""
         return self._head(image_id)["LastModified"].timestamp()
 
     def delete(self, image_id) -> None:

@@ -33,6 +33,15 @@ def keys(store):
     return sorted(obj["Key"] for obj in listing.get("Contents", []))
 
 
+def commit_image(store, data, image_id=None):
+    """Store ``data`` as a committed image; returns its id."""
+    image_id = image_id or new_id()
+    with store.open_writer(image_id) as writer:
+        writer.write(data)
+        writer.commit()
+    return image_id
+
+
 def write_in_uneven_pieces(writer, data, seed=0):
     rng = random.Random(seed)
     pos = 0
@@ -66,10 +75,7 @@ def test_images_written_in_uneven_pieces_read_back_byte_for_byte(store, size):
 
 def test_the_reader_serves_small_sequential_reads_from_one_window(store):
     data = os.urandom(3 * MiB)
-    image_id = new_id()
-    with store.open_writer(image_id) as writer:
-        writer.write(data)
-        writer.commit()
+    image_id = commit_image(store, data)
     store.read_ahead_bytes = MiB
     f = store.open_reader(image_id)
     assert isinstance(f, S3Reader) and isinstance(f, io.RawIOBase)
@@ -82,9 +88,31 @@ def test_the_reader_serves_small_sequential_reads_from_one_window(store):
         pos += 60_004
     f.close()
     assert b"".join(got) == data
-    assert f.requests == 3  # one GET per 1 MiB window, not one per read
+    assert f.requests == 4  # a small first fetch, then one GET per 1 MiB window
     with pytest.raises(ValueError):
         f.read(1)
+
+
+def test_jumping_from_prefix_to_prefix_does_not_fetch_whole_windows(store):
+    data = os.urandom(8 * MiB)
+    image_id = commit_image(store, data)
+    with store.open_reader(image_id) as f:
+        for pos in range(0, len(data), MiB + 4):  # ImageReader building its chunk index
+            f.seek(pos)
+            assert f.read(4) == data[pos:pos + 4]
+        assert f.requests == 8 and f.bytes_fetched <= 8 * 64 * 1024
+        f.seek(5)  # then reading a record from there on streams in whole windows
+        assert f.read(MiB) == data[5:5 + MiB] and f.read(MiB) == data[5 + MiB:5 + 2 * MiB]
+        assert f.requests == 10
+
+
+def test_a_reader_refuses_an_object_replaced_under_it(store):
+    image_id = commit_image(store, b"original")
+    with store.open_reader(image_id) as f:
+        store.client.put_object(Bucket=store.bucket, Key=f"vault/images/{image_id}.img",
+                                Body=b"replaced")
+        with pytest.raises(StorageError, match="changed"):
+            f.read()
 
 
 def test_nothing_is_visible_before_commit(store):
@@ -126,10 +154,7 @@ def test_abort_after_commit_is_a_no_op(store):
 
 
 def test_image_data_is_written_once(store):
-    image_id = new_id()
-    with store.open_writer(image_id) as writer:
-        writer.write(b"first")
-        writer.commit()
+    image_id = commit_image(store, b"first")
     with pytest.raises(ObjectExists):
         store.open_writer(image_id)
     with store.open_reader(image_id) as f:
@@ -201,10 +226,7 @@ def test_an_oversized_envelope_object_is_refused_on_read(store):
 
 
 def test_shred_deletes_the_envelope_before_the_data(store, monkeypatch):
-    image_id = new_id()
-    with store.open_writer(image_id) as writer:
-        writer.write(b"ciphertext")
-        writer.commit()
+    image_id = commit_image(store, b"ciphertext")
     store.put_envelope(image_id, b"key")
     order = []
     real_delete = store.client.delete_object
@@ -222,9 +244,7 @@ def test_shred_deletes_the_envelope_before_the_data(store, monkeypatch):
 def test_list_ids_lists_committed_images_only(store):
     committed = sorted(new_id() for _ in range(3))
     for image_id in committed:
-        with store.open_writer(image_id) as writer:
-            writer.write(b"x")
-            writer.commit()
+        commit_image(store, b"x", image_id)
     in_progress = store.open_writer(new_id())
     in_progress.write(b"y")
     store.put_envelope(new_id(), b"envelope without image")
@@ -238,10 +258,7 @@ def test_list_ids_lists_committed_images_only(store):
 
 def test_the_prefix_keeps_two_vaults_in_one_bucket_apart(store, s3_endpoint):
     other = S3Storage(store.bucket, prefix="other/", endpoint_url=s3_endpoint)
-    image_id = new_id()
-    with store.open_writer(image_id) as writer:
-        writer.write(b"x")
-        writer.commit()
+    image_id = commit_image(store, b"x")
     assert other.list_ids() == [] and not other.exists(image_id)
     assert keys(store) == [f"vault/images/{image_id}.img"]
 
@@ -284,9 +301,7 @@ def test_cleanup_partials_aborts_only_uploads_older_than_the_grace_period(store,
 
 def test_cleanup_partials_deletes_envelopes_of_crashed_writes_only(store, upload_started):
     orphan, committed, writing = new_id(), new_id(), new_id()
-    with store.open_writer(committed) as writer:
-        writer.write(b"x")
-        writer.commit()
+    commit_image(store, b"x", committed)
     in_progress = store.open_writer(writing)
     for image_id in (orphan, committed, writing):
         store.put_envelope(image_id, b"key")
