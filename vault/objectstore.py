@@ -53,12 +53,13 @@ from vault.storage import (
     validate_image_id,
 )
 
-__all__ = ["S3Storage", "S3Writer", "S3Reader", "PART_BYTES", "READ_AHEAD_BYTES"]
+__all__ = ["S3Storage", "S3Writer", "S3Reader", "PART_BYTES", "READ_AHEAD_BYTES", "part_bytes_for"]
 
 log = logging.getLogger(__name__)
 
 PART_BYTES = 8 * 1024 * 1024        # S3 refuses parts under 5 MiB, except the last
 MIN_PART_BYTES = 5 * 1024 * 1024
+MAX_PARTS = 10_000                  # S3's limit: 8 MiB parts hold 78 GiB (see part_bytes_for)
 READ_AHEAD_BYTES = 8 * 1024 * 1024  # a record is at most ~1 MiB: one GET serves several
 # What a read after a jump fetches: enough for a record's length prefix and the
 # start of its record, not a whole window that the next jump would waste.
@@ -136,6 +137,9 @@ class S3Writer(TrackedWriter):
 
     def _upload_part(self) -> None:
         number = len(self._parts) + 1
+        if number > MAX_PARTS:
+            raise StorageError(f"image {self.image_id} exceeds S3's {MAX_PARTS} parts of "
+                               f"{self._storage.part_bytes} bytes")
         response = _call(f"upload part {number} of image {self.image_id}",
                          self._storage.client.upload_part,
                          Bucket=self._storage.bucket, Key=self._key,
@@ -444,6 +448,15 @@ class S3Storage(Storage):
             name = upload["Key"][len(start):]
             if name.endswith(".img") and is_image_id(name[:-4]):
                 yield upload
+
+
+def part_bytes_for(max_object_bytes: int) -> int:
+    """The part size (whole MiB, at least ``PART_BYTES``) that fits an object
+    of ``max_object_bytes`` into S3's 10,000 parts, with 1% to spare for the
+    format's per-chunk overhead."""
+    mib = 1024 * 1024
+    needed = -(-max_object_bytes * 101 // 100 // MAX_PARTS)
+    return max(PART_BYTES, -(-needed // mib) * mib)
 
 
 def _make_client(endpoint_url, region):

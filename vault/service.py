@@ -37,11 +37,12 @@ def storage():
     if settings.VAULT_STORAGE == "s3":
         if not settings.VAULT_S3_BUCKET:
             raise ImproperlyConfigured("BERTH_VAULT_STORAGE=s3 needs BERTH_VAULT_S3_BUCKET")
-        from vault.objectstore import S3Storage  # boto3 is loaded only when used
+        from vault.objectstore import S3Storage, part_bytes_for  # boto3 only when used
 
         return S3Storage(settings.VAULT_S3_BUCKET, prefix=settings.VAULT_S3_PREFIX,
                          endpoint_url=settings.VAULT_S3_ENDPOINT or None,
-                         region=settings.VAULT_S3_REGION or None)
+                         region=settings.VAULT_S3_REGION or None,
+                         part_bytes=part_bytes_for(settings.VAULT_MAX_IMAGE_BYTES))
     raise ImproperlyConfigured(
         f"BERTH_VAULT_STORAGE must be 'local' or 's3', not {settings.VAULT_STORAGE!r}")
 

@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from vault import format as vformat
-from vault.objectstore import PART_BYTES, S3Reader, S3Storage
+from vault.objectstore import MAX_PARTS, PART_BYTES, S3Reader, S3Storage, part_bytes_for
 from vault.storage import InvalidImageId, ObjectExists, ObjectNotFound, StorageError
 
 MiB = 1024 * 1024
@@ -353,6 +353,18 @@ def test_an_unreachable_server_is_a_storage_error(s3_bucket):
     store.client.meta.config.retries = {"max_attempts": 0}
     with pytest.raises(StorageError, match="EndpointConnectionError"):
         store.exists(new_id())
+
+
+def test_part_size_fits_the_largest_image_into_s3s_part_limit(store, monkeypatch):
+    assert part_bytes_for(64 * 1024**3) == PART_BYTES
+    assert part_bytes_for(200 * 1024**3) == 21 * MiB
+    assert part_bytes_for(200 * 1024**3) * MAX_PARTS >= 200 * 1024**3 * 1.01
+    monkeypatch.setattr("vault.objectstore.MAX_PARTS", 1)
+    writer = store.open_writer(new_id())
+    with pytest.raises(StorageError, match="exceeds S3's 1 parts"):
+        writer.write(os.urandom(2 * PART_BYTES))
+    writer.abort()
+    assert uploads(store) == []
 
 
 def test_parts_below_the_s3_minimum_are_refused():

@@ -5,7 +5,7 @@ from django.core.exceptions import ImproperlyConfigured
 from tests.vault.conftest import memory_like, store_image
 from tests.vault.test_download import body
 from vault import maintenance, service
-from vault.objectstore import S3Storage
+from vault.objectstore import S3Storage, part_bytes_for
 from vault.storage import LocalStorage
 
 
@@ -30,6 +30,7 @@ def test_s3_storage_is_built_from_the_settings(s3_settings):
     store = service.storage()
     assert isinstance(store, S3Storage)
     assert (store.bucket, store.prefix) == (s3_settings.VAULT_S3_BUCKET, "berth/")
+    assert store.part_bytes == part_bytes_for(s3_settings.VAULT_MAX_IMAGE_BYTES)
 
 
 @pytest.mark.parametrize("backend,bucket,message", [
