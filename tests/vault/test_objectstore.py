@@ -350,7 +350,6 @@ def test_an_unreachable_server_is_a_storage_error(s3_bucket):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     store = S3Storage(s3_bucket, endpoint_url=f"http://127.0.0.1:{port}")
-    store.client.meta.config.retries = {"max_attempts": 0}
     with pytest.raises(StorageError, match="EndpointConnectionError"):
         store.exists(new_id())
 
