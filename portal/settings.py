@@ -28,7 +28,27 @@ def env_bool(name, default=False):
 
 
 def env_int(name, default):
-    return int(env(name, default))
+    return _number(int, name, default)
+
+
+def env_float(name, default):
+    return _number(float, name, default)
+
+
+def _number(kind, name, default):
+    value = env(name, default)
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ImproperlyConfigured(f"BERTH_{name} must be a number, not {value!r}") from None
+
+
+def env_choice(name, default, choices):
+    value = env(name, default)
+    if value not in choices:
+        raise ImproperlyConfigured(f"BERTH_{name} must be one of {', '.join(choices)}, "
+                                   f"not {value!r}")
+    return value
 
 
 def env_list(name, default=""):
@@ -280,7 +300,7 @@ VAULT_DIR = Path(env("VAULT_DIR", DATA_DIR / "vault")).resolve()
 VAULT_KEYRING = Path(env("VAULT_KEYRING", KEYS_DIR / "vault-keyring.json")).resolve()
 # When set, a JSON keyring in this environment variable is used instead (read-only).
 VAULT_KEYRING_ENV = env("VAULT_KEYRING_ENV")
-VAULT_ALGORITHM = env("VAULT_ALGORITHM", "aes-256-gcm")
+VAULT_ALGORITHM = env_choice("VAULT_ALGORITHM", "aes-256-gcm", ("aes-256-gcm", "chacha20-poly1305"))
 VAULT_CHUNK_MIB = env_int("VAULT_CHUNK_MIB", 1)
 VAULT_COMPRESS = env_bool("VAULT_COMPRESS")
 VAULT_MAX_IMAGE_BYTES = env_int("VAULT_MAX_IMAGE_GIB", 64) * 1024**3
@@ -291,8 +311,10 @@ VAULT_ORPHAN_GRACE_SECONDS = env_int("VAULT_ORPHAN_GRACE_SECONDS", 3600)
 # Where image objects live: "local" (VAULT_DIR) or "s3" (an S3-compatible
 # bucket several portal machines can share). S3 credentials come from boto3's
 # own chain (AWS_ACCESS_KEY_ID..., instance role), never from these settings.
-VAULT_STORAGE = env("VAULT_STORAGE", "local")
+VAULT_STORAGE = env_choice("VAULT_STORAGE", "local", ("local", "s3"))
 VAULT_S3_BUCKET = env("VAULT_S3_BUCKET", "")
+if VAULT_STORAGE == "s3" and not VAULT_S3_BUCKET:
+    raise ImproperlyConfigured("BERTH_VAULT_STORAGE=s3 needs BERTH_VAULT_S3_BUCKET")
 VAULT_S3_PREFIX = env("VAULT_S3_PREFIX", "")
 VAULT_S3_ENDPOINT = env("VAULT_S3_ENDPOINT", "")
 VAULT_S3_REGION = env("VAULT_S3_REGION", "")
@@ -311,14 +333,12 @@ JOB_START_TIMEOUT_SECONDS = env_int("JOB_START_TIMEOUT_SECONDS", 60)
 # migration overridable.
 MIGRATION_DOWNTIME_MS = env_int("MIGRATION_DOWNTIME_MS", 300)
 MIGRATION_MAX_ROUNDS = env_int("MIGRATION_MAX_ROUNDS", 30)
-MIGRATION_MAX_DATA_FACTOR = float(env("MIGRATION_MAX_DATA_FACTOR", "3.0"))
+MIGRATION_MAX_DATA_FACTOR = env_float("MIGRATION_MAX_DATA_FACTOR", "3.0")
 MIGRATION_AUTO_CONVERGE = env_bool("MIGRATION_AUTO_CONVERGE", True)
 # Pre-copy runs at most this long, then stops and copies (stop reason max_time).
 MIGRATION_MAX_SECONDS = env_int("MIGRATION_MAX_SECONDS", 600)
 # The commit check (docs/relocation-protocol.md, section 5): sampled | incremental | full.
-MIGRATION_VERIFY = env("MIGRATION_VERIFY", "sampled")
-if MIGRATION_VERIFY not in ("sampled", "incremental", "full"):
-    raise ImproperlyConfigured("BERTH_MIGRATION_VERIFY must be sampled, incremental or full")
+MIGRATION_VERIFY = env_choice("MIGRATION_VERIFY", "sampled", ("sampled", "incremental", "full"))
 
 # --- static files -------------------------------------------------------------
 STATIC_URL = "static/"
