@@ -47,7 +47,11 @@ def test_web_guest_moves_with_an_identical_image(source, destination, pki, verif
     assert moved.name == guest.name and moved.config["ip"] == IP
     wait_for_writes(dest.driver, guest.uuid, 20)  # its workload carries on there
     # the record
-    assert result["rounds"] > 1 and result["stop_reason"] in ("downtime_target", "max_rounds")
+    assert result["stop_reason"] in ("downtime_target", "max_rounds")
+    # Round 1 sends every page, later rounds what the guest dirtied meanwhile;
+    # a loaded machine may not run the guest's workload during a round 1 of a
+    # few ms, and then one round is the right answer.
+    assert result["rounds"] > 1 or result["round_log"][0]["dirty_pages"] <= 8
     assert result["downtime_ms"] > 0 and result["bytes_sent"] > 0
     assert result["bytes_ratio"] == pytest.approx(result["bytes_sent"] / (24 << 20), abs=1e-3)
     assert result["verify"] == verify
