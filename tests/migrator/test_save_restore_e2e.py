@@ -3,6 +3,7 @@ import hashlib
 import signal
 import subprocess
 import sys
+import time
 
 import httpx
 import numpy as np
@@ -63,7 +64,13 @@ class Deployment:
         self.portal.stop()
 
     def get(self, path):
-        response = self.api.get(path)
+        """GET as a well-behaved automation client: over the API rate (429), wait the
+        ``Retry-After`` the portal gives and ask again (the soak's two loops poll hard)."""
+        for _ in range(10):
+            response = self.api.get(path)
+            if response.status_code != 429:
+                break
+            time.sleep(float(response.headers.get("Retry-After", "1")))
         response.raise_for_status()
         return response.json()
 
@@ -78,7 +85,7 @@ class Deployment:
         def final():
             job = self.get(f"/api/v1/jobs/{job_id}")
             return job if job["state"] in ("succeeded", "failed", "aborted") else None
-        return self.wait_for(final, f"job {job_id} to end", timeout)
+        return wait_for(final, f"job {job_id} to end", timeout, interval=0.2)
 
     def images(self):
         return self.get("/api/v1/images/")["results"]
