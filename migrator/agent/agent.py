@@ -591,6 +591,10 @@ class Agent:
         result = job.run()
         if result["state"] == "succeeded":  # where the guest now lives
             self.state.set_departed(job.guest_uuid, job.action in ("save", "migrate"))
+        if result["state"] != "in_doubt":
+            # A migration's commit record (MigrateJob._committing) has done its work:
+            # the outcome is known, and a departure is on disk (just above).
+            self.in_doubt.remove(job.id)
         log.info("job %s: %s %s%s", job.id, job.action, result["state"],
                  f" ({result['error']})" if result["error"] else "")
         self._finish(job.id, result, job)

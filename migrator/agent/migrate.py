@@ -121,7 +121,8 @@ class MigrateJob(Job):
         self.engine = engine(
             self.driver, self.guest_uuid, self.dest_address, self.dest_port, self.dest_host,
             self._ticket, context, self.settings, self._forward, source_host=self.host.name,
-            revoked_serials=getattr(self, "revoked_serials", frozenset()))
+            revoked_serials=getattr(self, "revoked_serials", frozenset()),
+            on_commit=self._committing)
         if self.aborted.is_set():
             raise JobAborted()
         result = self.engine.run()
@@ -132,17 +133,26 @@ class MigrateJob(Job):
         if state == "in_doubt":
             # ACTIVATE left and no answer came: the paused copy stays paused
             # (never resumed here) until the portal resolves it.
-            if self.in_doubt is not None:
-                self.in_doubt.add({"job": self.id, "role": "source", "guest": self.guest_uuid,
-                                   "name": self._name, "peer": self.dest_host,
-                                   "reason": result.get("reason", ""),
-                                   "since": time.time(), "was_active": True})
+            self._record_in_doubt(result.get("reason", ""))
             raise JobInDoubt(result.get("reason") or "in doubt",
                              {k: v for k, v in result.items() if k != "settings"})
         self._resume_if_paused()
         if state == "aborted":
             raise JobAborted(result.get("reason") or "aborted on request")
         raise JobFailed(f"{result.get('stage')}: {result.get('reason')}")
+
+    def _committing(self):
+        """The engine's commit point, before ACTIVATE leaves. Recorded on disk first:
+        an agent killed from here on comes back knowing the guest may be the
+        destination's (it does not boot it again; the portal settles the record).
+        The agent removes the record once the outcome is known and durable."""
+        self._record_in_doubt("committing: ACTIVATE about to be sent, outcome unknown")
+
+    def _record_in_doubt(self, reason):
+        if self.in_doubt is not None:
+            self.in_doubt.add({"job": self.id, "role": "source", "guest": self.guest_uuid,
+                               "name": self._name, "peer": self.dest_host, "reason": reason,
+                               "since": time.time(), "was_active": True})
 
     def _moved_guest(self, result):
         """The guest as it now runs on the destination (for the portal's rows)."""

@@ -140,7 +140,8 @@ class PrecopyMigration:
                  tls_context: ssl.SSLContext, settings: MigrationSettings | None = None,
                  on_event: Callable[[dict[str, Any]], None] | None = None, *,
                  revoked_serials: Container[int] = frozenset(),
-                 source_host: str | None = None):
+                 source_host: str | None = None,
+                 on_commit: Callable[[], None] | None = None):
         self.driver, self.uuid = driver, guest_uuid
         self.dest = (dest_address, dest_port)
         self.dest_host, self.ticket, self.context = dest_host_name, ticket, tls_context
@@ -148,6 +149,9 @@ class PrecopyMigration:
         self.revoked = revoked_serials
         self.source_host = source_host or driver.host_info().name
         self._on_event = on_event
+        # Called at the commit point, before ACTIVATE leaves: the caller makes durable
+        # that this host is giving the guest up (an exception here rolls back instead).
+        self._on_commit = on_commit
         self._lock = threading.Lock()          # abort() vs the commit point
         self._abort = threading.Event()
         self._abort_reason = ""
@@ -435,6 +439,10 @@ class PrecopyMigration:
         if theirs != self._mine:
             raise MigrationError("commitment", f"images differ: ours {self._mine}, "
                                  f"theirs {theirs}")
+        if self._on_commit is not None:
+            # Before ACTIVATE can leave: if this process dies past here, the host must
+            # not run the guest again when it comes back (the destination may own it).
+            self._on_commit()
         self._stage_event("commitment", **self._mine)
         with self._lock:  # the commit point: after this line, no abort, no rollback
             if self._abort.is_set():

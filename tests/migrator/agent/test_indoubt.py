@@ -160,6 +160,66 @@ def test_lost_activate_is_held_across_restarts_and_settled_to_one_running_guest(
     assert hello_b["in_doubt"] == []
 
 
+def migrate_b_to_c(hosts, job, port=None):
+    """Announce ``job`` to hostc, start it on hostb; the source's result."""
+    hostb, hostc = hosts["hostb"], hosts["hostc"]
+    portal_b, portal_c = hosts["hostb-portal"], hosts["hostc-portal"]
+    (web,) = hostb.driver.list()
+    portal_c.send({"type": "command", "job": job, "action": "migrate.expect",
+                   "guest": web.uuid, "source": "hostb", "ticket": TICKET})
+    event_of(portal_c, job, "expecting")
+    portal_b.send({"type": "command", "job": job, "action": "migrate", "guest": web.uuid,
+                   "ticket": TICKET, "destination": {
+                       "host": "hostc", "address": "127.0.0.1",
+                       "port": port or hostc.relocation.server.port},
+                   "parameters": {"live": True, "downtime_ms": 300}})
+    return web, portal_b.result(job)
+
+
+def test_the_source_puts_its_commitment_on_disk_before_activate_leaves(hosts):
+    """Killed between ACTIVATE and its result, a source must come back knowing the
+    guest may be the destination's: the record is on disk before ACTIVATE leaves
+    (a restarted agent with it boots nothing, see the test below), and gone once
+    the departure itself is on disk."""
+    hostb, hostc = hosts["hostb"], hosts["hostc"]
+    wait_until(lambda: hostb.connected.is_set() and hostc.connected.is_set())
+    job, on_disk, forward = str(uuid.uuid4()), [], hostb._event
+
+    def at_commitment(job_id, event):  # the source's commitment event: ACTIVATE is next
+        if event.get("stage") == "commitment" and event.get("side") == "source":
+            on_disk.extend(InDoubtBook(hostb.config.host.state_dir).records())
+        forward(job_id, event)
+
+    hostb._event = at_commitment
+    web, result = migrate_b_to_c(hosts, job)
+    assert result["state"] == "succeeded", result
+    assert [(r["job"], r["role"], r["guest"]) for r in on_disk] == [(job, "source", web.uuid)]
+    assert InDoubtBook(hostb.config.host.state_dir).records() == []
+    assert hostb.state.is_departed(web.uuid) and hostb.driver.list() == []
+    assert hostc.driver.get(web.uuid).active
+
+
+def test_a_migration_that_fails_before_its_commit_point_leaves_no_record(hosts):
+    hostb, hostc = hosts["hostb"], hosts["hostc"]
+    wait_until(lambda: hostb.connected.is_set() and hostc.connected.is_set())
+    relay = Link(hostc.relocation.server.port)
+    forward = hostb._event
+
+    def cut_in_precopy(job_id, event):
+        if event.get("kind") == "round":
+            relay.cut()
+        forward(job_id, event)
+
+    hostb._event = cut_in_precopy
+    try:
+        web, result = migrate_b_to_c(hosts, str(uuid.uuid4()), port=relay.port)
+    finally:
+        relay.close()
+    assert result["state"] == "failed", result
+    assert InDoubtBook(hostb.config.host.state_dir).records() == []
+    assert not hostb.state.is_departed(web.uuid) and hostb.driver.get(web.uuid).active
+
+
 def test_source_kept_after_restart_resumes_the_guest(tmp_path):
     """A source record whose destination never got the guest: keep=source
     takes it back (dirty log off, migration ended) and resumes it."""
