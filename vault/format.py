@@ -302,11 +302,6 @@ def _hasher() -> ThreadPoolExecutor:
         return _hash_pool
 
 
-def _hash_pieces(sha, pieces) -> None:
-    for piece in pieces:
-        sha.update(piece)
-
-
 # --- writing ---------------------------------------------------------------------------------
 
 class ChunkEncoder:
@@ -338,56 +333,68 @@ class ChunkEncoder:
         self.stats: ImageStats | None = None  # set by finish()
 
     def feed(self, data) -> list[bytearray]:
-        """Buffer ``data``; return the records of every chunk it completed.
+        """Hash and buffer ``data``; return the records of every chunk it completed.
 
         ``data`` is only read, and not after ``feed`` returns. Chunk-aligned
         pieces are sealed straight from the caller's buffer, without a copy.
+        Large pieces are hashed on another thread while they are sealed here.
         """
-        if self.stats is not None:
-            raise ValueError("encoder already finished")
         view = memoryview(data).cast("B")
-        size, chunks = self.chunk_size, []
+        if len(view) < PARALLEL_HASH_BYTES:
+            self.hash(view)
+            return self.seal(view)
+        hashing = _hasher().submit(self.hash, view)
+        try:
+            return self.seal(view)
+        finally:
+            hashing.result()  # even on error: the caller may reuse its buffer after we return
+
+    def hash(self, data) -> None:
+        """Add ``data`` to the plaintext digest only.
+
+        For callers that run the two halves of ``feed`` on threads of their own:
+        ``hash`` and ``seal`` may run at the same time, each given the same pieces
+        in stream order; ``finish`` comes after both have seen every piece.
+        """
+        self._require_open()
+        self._digest.sha.update(data)
+
+    def seal(self, data) -> list[bytearray]:
+        """Buffer ``data`` without hashing it; return the records of completed chunks."""
+        self._require_open()
+        view = memoryview(data).cast("B")
+        size, records = self.chunk_size, []
         if self._fill:
             take = min(size - self._fill, len(view))
             self._buf[self._fill:self._fill + take] = view[:take]
             self._fill += take
             view = view[take:]
             if self._fill == size:
-                chunks.append(memoryview(self._buf))
+                records.append(self._seal(memoryview(self._buf), final=False))
                 self._fill = 0
         whole = len(view) // size * size
-        chunks += [view[start:start + size] for start in range(0, whole, size)]
-        records = self._seal_all(chunks, [*chunks[:len(chunks) - whole // size], view[:whole]])
-        if whole < len(view):  # only now: _buf may have been one of the chunks just sealed
+        records += [self._seal(view[start:start + size], final=False)
+                    for start in range(0, whole, size)]
+        if whole < len(view):
             self._buf[:len(view) - whole] = view[whole:]
             self._fill = len(view) - whole
         return records
 
-    def _seal_all(self, chunks, contiguous) -> list[bytearray]:
-        """Seal non-final ``chunks`` here while another thread hashes them (as the
-        same bytes in fewer, ``contiguous`` pieces)."""
-        if sum(len(c) for c in chunks) < PARALLEL_HASH_BYTES:
-            return [self._seal(chunk, final=False) for chunk in chunks]
-        hashing = _hasher().submit(_hash_pieces, self._digest.sha, contiguous)
-        try:
-            return [self._seal(chunk, final=False, hashed=True) for chunk in chunks]
-        finally:
-            hashing.result()  # even on error: the caller may reuse its buffer after we return
-
     def finish(self) -> list[bytearray]:
         """Seal the final chunk (0 .. chunk_size-1 bytes) and set ``stats``."""
-        if self.stats is not None:
-            raise ValueError("encoder already finished")
+        self._require_open()
         record = self._seal(memoryview(self._buf)[:self._fill], final=True)
         self._buf = bytearray()
         self.stats = self._digest.stats()
         return [record]
 
-    def _seal(self, chunk, final: bool, hashed: bool = False) -> bytearray:
+    def _require_open(self) -> None:
+        if self.stats is not None:
+            raise ValueError("encoder already finished")
+
+    def _seal(self, chunk, final: bool) -> bytearray:
         record, zero_pages = self._cipher.seal(self._index, chunk, final)
         self._index += 1
-        if not hashed:
-            self._digest.sha.update(chunk)
         self._digest.count(len(chunk), len(record), zero_pages)
         return record
 

@@ -82,6 +82,15 @@ class ImageSink:
         for record in self._encoder.feed(data):
             self._writer.write(record)
 
+    def seal(self, data: bytes):
+        """``write`` without the plaintext digest: ``hash`` must see the same pieces
+        (on another thread, at the same time if the caller likes, in stream order)."""
+        for record in self._encoder.seal(data):
+            self._writer.write(record)
+
+    def hash(self, data: bytes):
+        self._encoder.hash(data)
+
     def finish(self, expected_sha256=None):
         """Seal the stream and, if its digest is the expected one, make the
         object and its key envelope durable. Returns the image's stats."""

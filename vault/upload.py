@@ -8,9 +8,13 @@ body has arrived, matched its declared length (and digest, when given), and been
 committed. Any failure or disconnect aborts the writer: no object, no row.
 """
 import asyncio
+import collections
+import errno
 import json
+import logging
 import re
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -20,10 +24,12 @@ from portal.asgi_auth import authenticate_scope
 from portal.models import Outcome
 from vault import access, service
 
+log = logging.getLogger(__name__)
 UPLOAD_PATH = "/api/v1/images/"
 # Hand the encryptor pieces this large (rounded to whole chunks): fewer thread
 # hops; memory holds two of them per upload.
 FEED_BYTES = 4 * 1024 * 1024
+BUFFERS = 3  # one filling, two sealed or hashed: the hash never waits for a buffer
 
 
 class UploadError(Exception):
@@ -55,6 +61,13 @@ async def handle_upload(scope, receive, send):
         return await _respond(send, exc.status, {"error": exc.error, "detail": exc.detail})
     except ClientGone:
         return None
+    except OSError as exc:  # the vault's storage failed (disk full, I/O error): nothing kept
+        log.error("upload failed in the vault's storage: %s", exc)
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        return await _respond(send, 507 if full else 500, {
+            "error": "insufficient_storage" if full else "storage_error",
+            "detail": f"The vault could not store the image: {exc.strerror or exc}. "
+                      "Nothing was stored."})
     await _respond(send, 201, await sync_to_async(service.image_json)(image))
 
 
@@ -144,18 +157,59 @@ async def _receive_into_vault(request, meta, receive):
         raise
 
 
-async def _pump(receive, sink, declared):
-    """Receive the body into chunk-aligned buffers, sealing one while filling the other.
+class _Lanes:
+    """Where filled buffers go: one thread seals them, another hashes them.
 
-    While a worker thread seals one buffer (hashing it on a second thread), the
-    event loop receives into the other, so network, hashing and encryption
-    overlap on two cores. Whole chunks reach the encoder without another copy.
+    Each lane is a single thread, so it sees buffers in stream order; the two
+    run at the same time, and the hash (one sequential SHA-256, the slowest
+    step) never waits for sealing or receiving while a filled buffer is ready.
+    A buffer returns to the pool when both lanes are done with it.
+    """
+
+    def __init__(self, sink, size):
+        self.sink = sink
+        self.free = [bytearray(size) for _ in range(BUFFERS)]
+        self.busy = collections.deque()  # (buffer, futures), oldest first
+        self.sealer = ThreadPoolExecutor(1, thread_name_prefix="berth-seal")
+        self.hasher = ThreadPoolExecutor(1, thread_name_prefix="berth-sha256")
+
+    async def take(self):
+        """A buffer to fill: a free one, else the oldest once both lanes are done with it."""
+        if not self.free:
+            buffer, futures = self.busy.popleft()
+            await asyncio.gather(*futures)
+            self.free.append(buffer)
+        return self.free.pop()
+
+    def submit(self, data, buffer):
+        loop = asyncio.get_running_loop()
+        self.busy.append((buffer, (loop.run_in_executor(self.sealer, self.sink.seal, data),
+                                   loop.run_in_executor(self.hasher, self.sink.hash, data))))
+
+    async def drain(self, quiet=False):
+        """Wait for every buffer in flight; then raise the first failure unless ``quiet``."""
+        futures = [f for _, pair in self.busy for f in pair]
+        self.busy.clear()
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        self.sealer.shutdown(wait=False)
+        self.hasher.shutdown(wait=False)
+        for result in results:
+            if isinstance(result, BaseException) and not quiet:
+                raise result
+
+
+async def _pump(receive, sink, declared):
+    """Receive the body into chunk-aligned buffers that two threads seal and hash.
+
+    While one buffer is filled by the event loop, earlier ones are sealed and
+    hashed, so network, hashing and encryption overlap on two cores. Whole
+    chunks reach the encoder without another copy.
     """
     feed = max(1, FEED_BYTES // sink.chunk_size) * sink.chunk_size
-    buffer, spare, fill = bytearray(feed), bytearray(feed), 0
-    received, encrypting = 0, None
-    limit = settings.VAULT_MAX_IMAGE_BYTES
+    lanes = _Lanes(sink, feed)
+    received, limit = 0, settings.VAULT_MAX_IMAGE_BYTES
     try:
+        buffer, fill = await lanes.take(), 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
@@ -172,20 +226,16 @@ async def _pump(receive, sink, declared):
                 buffer[fill:fill + take] = view[:take]
                 fill, view = fill + take, view[take:]
                 if fill == feed:
-                    if encrypting:
-                        await encrypting  # before its buffer becomes the one we fill
-                    encrypting = asyncio.ensure_future(asyncio.to_thread(sink.write, buffer))
-                    buffer, spare, fill = spare, buffer, 0
+                    lanes.submit(buffer, buffer)
+                    buffer, fill = await lanes.take(), 0
             if not message.get("more_body", False):
                 break
         if fill:
-            if encrypting:
-                await encrypting
-            encrypting = asyncio.ensure_future(
-                asyncio.to_thread(sink.write, memoryview(buffer)[:fill]))
-    finally:
-        if encrypting:
-            await encrypting
+            lanes.submit(memoryview(buffer)[:fill], buffer)
+    except BaseException:
+        await lanes.drain(quiet=True)  # the buffers are ours again; this error is the answer
+        raise
+    await lanes.drain()
     if declared is not None and received != declared:
         raise UploadError(400, "length_mismatch",
                           f"Body ended after {received} of {declared} bytes.")

@@ -12,6 +12,7 @@ import os
 import random
 import struct
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -179,6 +180,31 @@ def test_hashing_on_another_thread_gives_the_same_image_and_digest(monkeypatch, 
         pos, i = pos + size, i + 1
     assert b"".join(out + encoder.finish()) == whole
     assert encoder.stats.sha256 == hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize("pieces", [[CS], [3 * CS], [CS + 1, 5 * CS - 7], [100, 4 * CS]])
+def test_sealing_and_hashing_on_threads_of_their_own_give_the_same_image_and_digest(pieces):
+    """The upload's two lanes: ``seal`` on one thread and ``hash`` on another, each
+    in stream order, the hash lagging behind, equal ``feed`` byte for byte."""
+    data = paged(40 * CS) + memory_like(CS + 333, unit=100)
+    prefix = b"\x07" * 7
+    whole, _ = encode(data, prefix=prefix, image_id=uuid.UUID(int=1))
+    encoder = vf.ChunkEncoder(DEK, uuid.UUID(int=1), chunk_size=CS, allow_small_chunks=True,
+                              _test_random=lambda n: prefix)
+    out, pos, i, hashing = [encoder.header], 0, 0, []
+    with ThreadPoolExecutor(1) as hasher:
+        while pos < len(data):
+            size = pieces[i % len(pieces)]
+            piece = bytes(data[pos:pos + size])
+            hashing.append(hasher.submit(encoder.hash, piece))
+            out += encoder.seal(piece)
+            pos, i = pos + size, i + 1
+        for future in hashing:
+            future.result()
+    assert b"".join(out + encoder.finish()) == whole
+    assert encoder.stats.sha256 == hashlib.sha256(data).hexdigest()
+    with pytest.raises(ValueError, match="finished"):
+        encoder.hash(b"late")
 
 
 def test_empty_image_is_one_empty_final_chunk():

@@ -1,6 +1,8 @@
 """The raw ASGI upload endpoint, driven in-process with hand-made ASGI messages."""
+import errno
 import hashlib
 import json
+import os
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -94,6 +96,27 @@ async def test_client_dropping_mid_stream_leaves_no_object_and_no_row(token):
     status, _ = await post(headers_for(token, len(data)), pieces_of(data), disconnect_after=5)
     assert status is None
     assert await sync_to_async(nothing_stored)()
+
+
+@pytest.mark.parametrize(("error", "status", "code"), [
+    (errno.ENOSPC, 507, "insufficient_storage"), (errno.EIO, 500, "storage_error")])
+async def test_storage_failing_mid_body_is_a_json_error_and_stores_nothing(
+        token, monkeypatch, error, status, code):
+    sealed = []
+    real_seal = service.ImageSink.seal
+
+    def seal_then_fail(sink, data):  # the disk fills up after the first buffer
+        if sealed:
+            raise OSError(error, os.strerror(error))
+        sealed.append(len(data))
+        real_seal(sink, data)
+
+    monkeypatch.setattr(service.ImageSink, "seal", seal_then_fail)
+    data = memory_like(4 * FEED_BYTES)
+    answer, body = await post(headers_for(token, len(data)), pieces_of(data))
+    assert (answer, body["error"]) == (status, code)
+    assert os.strerror(error) in body["detail"] and "Nothing was stored" in body["detail"]
+    assert sealed and await sync_to_async(nothing_stored)()
 
 
 async def test_body_shorter_than_content_length_stores_nothing(token):
