@@ -2,7 +2,9 @@
 
 Each record's MAC is HMAC-SHA256(audit key, previous MAC || canonical record),
 so a record cannot be edited, removed, reordered or inserted without the key.
-The first record chains from the empty string.
+The first record chains from the empty string. Which key version MACs a record
+follows from its sequence number (portal/audit_keys.py); `rotate_key` starts a
+new version, and the chain runs on through it.
 """
 import datetime as dt
 import hashlib
@@ -14,6 +16,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from portal.audit_keys import AuditKeyError, AuditKeyring, KeyVersion
 from portal.models import ActorKind, AuditHead, AuditRecord, Outcome
 
 FIELDS = ("seq", "time", "actor_kind", "actor", "action", "target", "outcome",
@@ -28,8 +31,19 @@ def canonical(record: AuditRecord) -> bytes:
 
 
 def compute_mac(previous_mac: str, record: AuditRecord) -> str:
-    return hmac.new(settings.AUDIT_KEY, previous_mac.encode() + canonical(record),
-                    hashlib.sha256).hexdigest()
+    key = keyring().key_for(record.seq).key
+    return hmac.new(key, previous_mac.encode() + canonical(record), hashlib.sha256).hexdigest()
+
+
+_keyrings: dict[tuple, AuditKeyring] = {}
+
+
+def keyring() -> AuditKeyring:
+    """The keyring the settings name (one per path and legacy key, for tests' overrides)."""
+    where = (str(settings.AUDIT_KEYRING), settings.AUDIT_KEY)
+    if where not in _keyrings:
+        _keyrings[where] = AuditKeyring(settings.AUDIT_KEYRING, settings.AUDIT_KEY)
+    return _keyrings[where]
 
 
 @dataclass(frozen=True)
@@ -64,12 +78,31 @@ def record(action, *, actor: Actor, target="", outcome=Outcome.ALLOWED, source_i
     """Append one record to the chain, atomically with respect to other writers."""
     with transaction.atomic():
         head, _ = AuditHead.objects.select_for_update().get_or_create(id=1)
-        entry = _chained(head.seq + 1, head.mac, action, actor=actor, target=target,
-                         outcome=outcome, source_ip=source_ip, details=details)
-        entry.save()
-        head.seq, head.mac = entry.seq, entry.mac
-        head.save(update_fields=["seq", "mac"])
+        return _append(head, action, actor=actor, target=target, outcome=outcome,
+                       source_ip=source_ip, details=details)
+
+
+def _append(head, action, **fields) -> AuditRecord:  # the caller holds the head's lock
+    entry = _chained(head.seq + 1, head.mac, action, **fields)
+    entry.save()
+    head.seq, head.mac = entry.seq, entry.mac
+    head.save(update_fields=["seq", "mac"])
     return entry
+
+
+def rotate_key(actor: Actor) -> KeyVersion:
+    """Start a new key version with the next record, and write that record.
+
+    Under the head's lock, so no writer slips a record between the keyring's new
+    range and the rotation record. Interrupted after the keyring was written, the
+    next record simply begins the new version; run again, it starts another.
+    """
+    with transaction.atomic():
+        head, _ = AuditHead.objects.select_for_update().get_or_create(id=1)
+        version = keyring().rotate(head.seq + 1)
+        _append(head, "audit.key_rotated", actor=actor, target="audit",
+                details={"version": version.version, "first_seq": version.first_seq})
+    return version
 
 
 def _chained(seq, previous_mac, action, *, actor: Actor, target="", outcome=Outcome.ALLOWED,
@@ -127,7 +160,11 @@ def verify_chain(batch_size=2000) -> Verification:
         if entry.seq != expected_seq:
             return Verification(False, count, expected_seq,
                                 f"record {expected_seq} is missing or out of order")
-        if not hmac.compare_digest(entry.mac, compute_mac(previous_mac, entry)):
+        try:
+            mac = compute_mac(previous_mac, entry)
+        except AuditKeyError as exc:
+            return Verification(False, count, entry.seq, str(exc))
+        if not hmac.compare_digest(entry.mac, mac):
             return Verification(False, count, entry.seq,
                                 f"record {entry.seq} does not match its MAC")
         previous_mac, expected_seq, count = entry.mac, expected_seq + 1, count + 1

@@ -11,6 +11,7 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
+from portal.audit_keys import AuditKeyError, AuditKeyring
 from portal.secrets import ensure_private_dir, load_or_create
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -62,8 +63,16 @@ KEYS_DIR = DATA_DIR / "keys"
 
 SECRET_KEY = env("SECRET_KEY") or load_or_create(KEYS_DIR / "secret_key", 50)
 # The audit key is kept apart from SECRET_KEY and from the vault keyring: one
-# leaked key must not let an attacker forge the audit trail.
-AUDIT_KEY = (env("AUDIT_KEY") or load_or_create(KEYS_DIR / "audit.key", 32)).encode()
+# leaked key must not let an attacker forge the audit trail. After the first
+# `audit rotate-key` the keyring holds every version (portal/audit_keys.py);
+# before it, the single key is version 1.
+AUDIT_KEYRING = Path(env("AUDIT_KEYRING", str(KEYS_DIR / "audit-keyring.json")))
+AUDIT_KEY = (env("AUDIT_KEY") or ("" if AUDIT_KEYRING.exists() else
+                                  load_or_create(KEYS_DIR / "audit.key", 32))).encode()
+try:  # an unreadable keyring would fail every audited request: stop at start-up
+    AuditKeyring(AUDIT_KEYRING, AUDIT_KEY)
+except AuditKeyError as exc:
+    raise ImproperlyConfigured(str(exc)) from None
 
 DEBUG = env_bool("DEBUG")
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "127.0.0.1,localhost,[::1]")

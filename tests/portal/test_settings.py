@@ -24,3 +24,16 @@ def test_a_bad_setting_is_one_line_and_a_non_zero_exit(tmp_path, name, value, sa
     lines = done.stderr.strip().splitlines()
     assert done.returncode != 0 and len(lines) == 1, done.stderr
     assert lines[0].startswith("configuration error: ") and says in lines[0]
+
+
+def test_an_unreadable_audit_keyring_stops_start_up_with_one_line(tmp_path):
+    keyring = tmp_path / "audit-keyring.json"
+    keyring.write_text("{not json")
+    env = {**os.environ, "BERTH_DATA_DIR": str(tmp_path), "BERTH_AUDIT_KEYRING": str(keyring)}
+    env.pop("DJANGO_SETTINGS_MODULE", None)
+    env.pop("BERTH_AUDIT_KEY", None)
+    done = subprocess.run([sys.executable, "manage.py", "check"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode != 0 and len(lines) == 1, done.stderr
+    assert lines[0].startswith("configuration error: audit keyring") and "unreadable" in lines[0]
