@@ -16,11 +16,13 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory):
+def deployment(request, tmp_path_factory):
+    """One per test module; a module may set ``PORTAL_ENV`` (settings of its own)."""
     system = Deployment(tmp_path_factory.mktemp("berth-browser"))
     system.portal.env.update({"BERTH_REQUIRE_2FA": "1",
                               "BERTH_DEMO_ADMIN_PASSWORD": ADMIN_PASSWORD,
-                              "BERTH_DEMO_AUDITOR_PASSWORD": AUDITOR_PASSWORD})
+                              "BERTH_DEMO_AUDITOR_PASSWORD": AUDITOR_PASSWORD,
+                              **getattr(request.module, "PORTAL_ENV", {})})
     try:
         system.start()
         yield system

@@ -5,16 +5,20 @@ restore, live migration with its chart of rounds, and the auditor's chain check.
 Run on its own: ``make browser-test`` (``pytest tests/browser -m browser -p no:asyncio``).
 Playwright never downloads a browser here: it drives the system Chromium.
 """
-import base64
-import hashlib
-import hmac
-import struct
 import time
-from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from tests.support.browser_pages import ADMIN_PASSWORD, AUDITOR_PASSWORD, shot, sign_in
+from tests.support.browser_pages import (
+    ADMIN_PASSWORD,
+    AUDITOR_PASSWORD,
+    enrol_second_factor,
+    migrate_precheck,
+    now_step,
+    shot,
+    sign_in,
+    totp,
+)
 
 pytest.importorskip("playwright.sync_api")
 
@@ -30,19 +34,6 @@ LIVE_SUCCESS = """() => {
     && document.getElementById("job-progress").getAttribute("aria-valuenow") === "100"
     && seen;
 }"""
-
-
-def totp(secret_b32: str, step: int, digits: int = 6) -> str:
-    """RFC 6238 (HMAC-SHA1, 30 s steps) for time step ``step``."""
-    key = base64.b32decode(secret_b32.upper() + "=" * (-len(secret_b32) % 8))
-    digest = hmac.new(key, struct.pack(">Q", step), hashlib.sha1).digest()
-    offset = digest[-1] & 0x0F
-    code = struct.unpack(">I", digest[offset:offset + 4])[0] & 0x7FFFFFFF
-    return str(code % 10 ** digits).zfill(digits)
-
-
-def now_step() -> int:
-    return int(time.time()) // 30
 
 
 def watch_job_to_success(watched, name):
@@ -75,15 +66,7 @@ def test_admin_with_second_factor_saves_restores_and_migrates(signed_in, deploym
         assert "Admin actions need a second factor" in page.inner_text("main")
 
         # Enrol: the otpauth URL under "Can't scan?" carries the base32 secret.
-        page.goto("/account/2fa/")
-        page.click("summary:has-text(\"Can't scan?\")")
-        otpauth = page.inner_text("details code").strip()
-        shot(page, "01-2fa-setup")
-        secret = parse_qs(urlparse(otpauth).query)["secret"][0]
-        enrolled_at = now_step()
-        page.fill("input[name=code]", totp(secret, enrolled_at))
-        page.click("button:has-text('Confirm')")
-        page.wait_for_selector("h1:has-text('Your backup codes')")
+        secret, enrolled_at = enrol_second_factor(page, screenshot_as="01-2fa-setup")
         assert page.locator("ul.codes li").count() == 10
         shot(page, "02-2fa-backup-codes")
 
@@ -122,11 +105,7 @@ def test_admin_with_second_factor_saves_restores_and_migrates(signed_in, deploym
         # Live migration: guest page, Migrate…, pick hostc, Check, Migrate; then the chart.
         etch = deployment.guest("debian_etch")
         assert etch["host"] == "hostb", etch
-        page.goto(f"/jobs/guests/{etch['uuid']}/")
-        page.click("a:has-text('Migrate…')")
-        page.select_option("select[name=destination]", "hostc")
-        page.click("button:has-text('Check')")
-        page.wait_for_selector("h2:has-text('Pre-check for hostc')")
+        migrate_precheck(page, etch["uuid"], "hostc")
         assert page.locator("ul.checks li.bad").count() == 0
         shot(page, "08-migrate-precheck")
         page.click("button:has-text('Migrate to hostc')")

@@ -2,9 +2,16 @@
 
 A ``Watched`` page records what went wrong in it (script errors, failed requests)
 and what the job page's script did; ``signed_in`` is the sign-in every browser
-test starts with. Imports nothing from Playwright: the fixtures hand it a browser.
+test starts with; ``enrol_second_factor`` turns an admin's session into one that
+may act. Imports nothing from Playwright: the fixtures hand it a browser.
 """
+import base64
+import hashlib
+import hmac
+import struct
+import time
 from contextlib import contextmanager
+from urllib.parse import parse_qs, urlparse
 
 from tests.support.server import ROOT
 
@@ -56,6 +63,45 @@ class Watched:
 
 def shot(page, name):
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def totp(secret_b32: str, step: int, digits: int = 6) -> str:
+    """RFC 6238 (HMAC-SHA1, 30 s steps) for time step ``step``."""
+    key = base64.b32decode(secret_b32.upper() + "=" * (-len(secret_b32) % 8))
+    digest = hmac.new(key, struct.pack(">Q", step), hashlib.sha1).digest()
+    offset = digest[-1] & 0x0F
+    code = struct.unpack(">I", digest[offset:offset + 4])[0] & 0x7FFFFFFF
+    return str(code % 10 ** digits).zfill(digits)
+
+
+def now_step() -> int:
+    return int(time.time()) // 30
+
+
+def enrol_second_factor(page, screenshot_as=None):
+    """Set up an authenticator on /account/2fa/ as a user does (the secret read from the
+    otpauth URL under "Can't scan?"); the session is then verified. Returns the secret
+    and the time step whose code was used: a code is good once."""
+    page.goto("/account/2fa/")
+    page.click("summary:has-text(\"Can't scan?\")")
+    otpauth = page.inner_text("details code").strip()
+    if screenshot_as:
+        shot(page, screenshot_as)
+    secret = parse_qs(urlparse(otpauth).query)["secret"][0]
+    step = now_step()
+    page.fill("input[name=code]", totp(secret, step))
+    page.click("button:has-text('Confirm')")
+    page.wait_for_selector("h1:has-text('Your backup codes')")
+    return secret, step
+
+
+def migrate_precheck(page, guest_uuid, destination):
+    """From the guest's page: Migrate…, pick ``destination``, Check; on the pre-check."""
+    page.goto(f"/jobs/guests/{guest_uuid}/")
+    page.click("a:has-text('Migrate…')")
+    page.select_option("select[name=destination]", destination)
+    page.click("button:has-text('Check')")
+    page.wait_for_selector(f"h2:has-text('Pre-check for {destination}')")
 
 
 def sign_in(page, username, password):
