@@ -336,5 +336,6 @@ def _announce_expiry(job):
     progress.publish(job, "final")
     for host in {job.source_host, job.destination_host} - {None}:
         if host.online:  # a command that was only late must not run now
-            progress.send_to_host(host.name, {"type": "command", "job": str(job.id),
-                                              "action": "abort"})
+            progress.send_to_host(host.name, {
+                "type": "command", "job": str(job.id), "action": "abort",
+                "reason": f"the portal had already ended the job: {job.error}"})

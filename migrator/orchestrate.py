@@ -165,8 +165,13 @@ def request_abort(request, job) -> Job:
     host = job.host
     if host is not None and host.online:
         progress.send_to_host(host.name, {"type": "command", "job": str(job.id),
-                                          "action": "abort"})
+                                          "action": "abort", "reason": _aborted_by(request)})
     elif job.abort("aborted while its host was offline"):
         job.save()
         progress.publish(job, "final")
     return job
+
+
+def _aborted_by(request):
+    """The reason an agent reports for an abort: who asked."""
+    return f"aborted by {audit.actor_of(request).name}"

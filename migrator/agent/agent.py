@@ -474,7 +474,7 @@ class Agent:
             log.warning("ignoring a %s command without a job id", action)
             return
         if action == "abort":
-            self.abort(job_id)
+            self.abort(job_id, command.get("reason"))
             return
         if action == "migrate.expect":
             self._expect(job_id, command)
@@ -616,15 +616,15 @@ class Agent:
     def _event(self, job_id: str, event: dict[str, Any]) -> None:
         self._post({"type": "job.event", "job": job_id, "event": event})
 
-    def abort(self, job_id: str) -> bool:
+    def abort(self, job_id: str, reason: str | None = None) -> bool:
         """Abort a running job; False (and a log line) if it is not running."""
         with self._lock:
             job = self._jobs.get(job_id)
         if job is None:
             log.warning("abort: job %s is not running on this host", job_id)
             return False
-        log.info("job %s: abort requested", job_id)
-        job.abort()
+        log.info("job %s: abort requested%s", job_id, f" ({reason})" if reason else "")
+        job.abort(reason if isinstance(reason, str) else None)
         return True
 
     def running_jobs(self) -> list[str]:

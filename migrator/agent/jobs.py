@@ -115,6 +115,7 @@ class Job:
         self.ca, self.timeout = ca, timeout
         self.guest_uuid = ""  # the guest this job holds; set by subclasses
         self.aborted = threading.Event()
+        self.abort_reason = "aborted on request"  # until the portal says who asked
         self.cancel = transfer.Cancel()
         self.parse(command)
 
@@ -127,15 +128,18 @@ class Job:
     def execute(self) -> dict[str, Any]:
         raise NotImplementedError
 
-    def abort(self) -> None:
+    def abort(self, reason: str | None = None) -> None:
         """Thread-safe; the job stops at its next piece (or its blocked
-        socket is shut down so it notices at once)."""
+        socket is shut down so it notices at once). ``reason`` is who or what
+        asked (the portal says), reported as the job's error."""
+        if reason:
+            self.abort_reason = str(reason)[:300]
         self.aborted.set()
         self.cancel.cancel()
 
     def check_abort(self) -> None:
         if self.aborted.is_set():
-            raise JobAborted()
+            raise JobAborted(self.abort_reason)
 
     def emit(self, event: dict[str, Any]) -> None:
         try:
@@ -151,12 +155,12 @@ class Job:
         try:
             return result_message(self.id, "succeeded", result=self.execute())
         except JobAborted as exc:
-            return result_message(self.id, "aborted", error=str(exc) or "aborted on request")
+            return result_message(self.id, "aborted", error=str(exc) or self.abort_reason)
         except JobInDoubt as exc:
             return result_message(self.id, "in_doubt", error=str(exc), result=exc.result)
         except Exception as exc:
             if self.aborted.is_set():  # the abort broke a transfer: say so, not "reset"
-                return result_message(self.id, "aborted", error="aborted on request")
+                return result_message(self.id, "aborted", error=self.abort_reason)
             reason = self.explain(exc)
             log.warning("job %s (%s) failed: %s", self.id, self.action, reason)
             return result_message(self.id, "failed", error=reason)
@@ -312,7 +316,7 @@ class SaveJob(Job):
 
     def _reason(self, exc: BaseException) -> str:
         if isinstance(exc, JobAborted):
-            return "aborted on request"
+            return self.abort_reason
         return self.explain(exc) if isinstance(exc, Exception) else type(exc).__name__
 
 

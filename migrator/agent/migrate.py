@@ -124,7 +124,7 @@ class MigrateJob(Job):
             revoked_serials=getattr(self, "revoked_serials", frozenset()),
             on_commit=self._committing)
         if self.aborted.is_set():
-            raise JobAborted()
+            raise JobAborted(self.abort_reason)
         result = self.engine.run()
         state = result["state"]
         if state == "succeeded":
@@ -138,7 +138,7 @@ class MigrateJob(Job):
                              {k: v for k, v in result.items() if k != "settings"})
         self._resume_if_paused()
         if state == "aborted":
-            raise JobAborted(result.get("reason") or "aborted on request")
+            raise JobAborted(result.get("reason") or self.abort_reason)
         raise JobFailed(f"{result.get('stage')}: {result.get('reason')}")
 
     def _committing(self):
@@ -181,7 +181,7 @@ class MigrateJob(Job):
         except Exception:  # the guest is the engine's to restore; this is a safety net
             log.exception("job %s: could not resume guest %s", self.id, self.guest_uuid)
 
-    def abort(self) -> None:
-        super().abort()
+    def abort(self, reason: str | None = None) -> None:
+        super().abort(reason)
         if self.engine is not None:
-            self.engine.abort("aborted by an admin")
+            self.engine.abort(self.abort_reason)

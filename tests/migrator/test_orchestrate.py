@@ -155,7 +155,8 @@ def test_jobs_api_lists_and_aborts(admin_client, online, sent):
     assert admin_client.get("/api/v1/jobs/").json()["results"][0]["id"] == job_id
     assert admin_client.get(f"/api/v1/jobs/{job_id}").json()["state"] == "queued"
     assert admin_client.post(f"/api/v1/jobs/{job_id}/abort").status_code == 202
-    assert sent[-1][1] == {"type": "command", "job": job_id, "action": "abort"}
+    assert sent[-1][1] == {"type": "command", "job": job_id, "action": "abort",
+                           "reason": "aborted by alice"}  # the agent reports who asked
 
 
 def test_hosts_and_guests_api(auditor_client, online):

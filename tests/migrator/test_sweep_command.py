@@ -38,14 +38,22 @@ def test_sweep_leaves_a_job_whose_agent_is_within_the_timeout(jobs, settings, ca
     assert Job.objects.get(id=jobs["hostb"].id).state == JobState.QUEUED
 
 
-def test_sweep_fails_a_job_a_connected_agent_never_started(jobs, settings, capsys):
+def test_sweep_fails_a_job_a_connected_agent_never_started(jobs, settings, capsys,
+                                                           monkeypatch,
+                                                           django_capture_on_commit_callbacks):
     settings.JOB_AGENT_TIMEOUT_SECONDS, settings.JOB_START_TIMEOUT_SECONDS = 600, 30
+    sent = []
+    monkeypatch.setattr("migrator.progress.send_to_host", lambda host, p: sent.append((host, p)))
     lost = jobs["hostc"]
     Job.objects.filter(id=lost.id).update(created_at=timezone.now() - timedelta(minutes=1))
-    call_command("sweep")
+    with django_capture_on_commit_callbacks(execute=True):
+        call_command("sweep")
     assert "1 stale job(s) failed" in capsys.readouterr().out
     lost.refresh_from_db()
     assert lost.state == JobState.FAILED and "did not start the job within 30 s" in lost.error
+    # A command that was only late must not run now; the agent will say why it stopped.
+    assert sent == [("hostc", {"type": "command", "job": str(lost.id), "action": "abort",
+                               "reason": f"the portal had already ended the job: {lost.error}"})]
 
 
 def test_sweep_leaves_a_running_job_of_a_connected_agent(jobs, settings):

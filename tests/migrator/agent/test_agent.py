@@ -204,10 +204,11 @@ def test_abort_during_save_resumes_the_guest(portal, images, make_agent):
     portal.send(command)
     assert images.stalled.wait(10)
     started = time.monotonic()
-    portal.send({"type": "command", "job": command["job"], "action": "abort"})
+    portal.send({"type": "command", "job": command["job"], "action": "abort",
+                  "reason": "aborted by alice"})
     result = portal.result(command["job"])
     assert time.monotonic() - started < 5  # the blocked socket was shut down
-    assert result["state"] == "aborted"
+    assert (result["state"], result["error"]) == ("aborted", "aborted by alice")
     after = agent.driver.get(info.uuid)
     assert after.state is GuestState.RUNNING and after.active
     assert images.uploads == []
@@ -375,7 +376,8 @@ def test_abort_during_restore_creates_no_guest(portal, images, make_agent):
     assert images.stalled.wait(10)
     portal.send({"type": "command", "job": "not-running", "action": "abort"})  # ignored
     portal.send({"type": "command", "job": command["job"], "action": "abort"})
-    assert portal.result(command["job"], timeout=5)["state"] == "aborted"
+    result = portal.result(command["job"], timeout=5)
+    assert (result["state"], result["error"]) == ("aborted", "aborted on request")  # no reason
     assert agent.driver.list() == [] and agent.driver.capacity().reserved_mib == 0
     assert agent.outbox.get("not-running") is None
 
