@@ -4,6 +4,7 @@ The agents own the truth about guests; these rows are the portal's view,
 refreshed from every agent's inventory.
 """
 import uuid
+from datetime import timedelta
 
 from django.conf import settings
 from django.db import models
@@ -45,6 +46,12 @@ class Host(models.Model):
     @property
     def revoked(self):
         return self.revoked_at is not None
+
+    @property
+    def unresponsive(self):
+        """Connected, but no word from the agent for ``HOST_UNRESPONSIVE_SECONDS``."""
+        limit = timedelta(seconds=settings.HOST_UNRESPONSIVE_SECONDS)
+        return self.online and (self.last_seen is None or timezone.now() - self.last_seen > limit)
 
 
 class GuestState(models.TextChoices):

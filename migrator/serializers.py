@@ -10,12 +10,14 @@ from migrator.relocation.verify import VERIFY_MODES
 
 class HostSerializer(serializers.ModelSerializer):
     free_mib = serializers.IntegerField(read_only=True)
+    unresponsive = serializers.BooleanField(
+        read_only=True, help_text="connected, but silent for BERTH_HOST_UNRESPONSIVE_SECONDS")
 
     class Meta:
         model = Host
         fields = ["name", "address", "relocation_port", "driver", "arch", "virt_extensions",
                   "memory_mib", "used_mib", "reserved_mib", "free_mib", "disk_gib", "subnet",
-                  "storage", "online", "last_seen", "revoked_at"]
+                  "storage", "online", "unresponsive", "last_seen", "revoked_at"]
 
 
 class GuestSerializer(serializers.ModelSerializer):

@@ -1,6 +1,9 @@
 """The checks before a save or restore changes anything, through the API."""
+from datetime import timedelta
+
 import pytest
 from django.test import Client
+from django.utils import timezone
 
 from migrator import inventory
 from migrator.models import Host, Job
@@ -170,6 +173,20 @@ def test_dashboard_shows_hosts_and_guests(admin_client, online):
     page = admin_client.get("/")
     assert b"hostb" in page.content and b"debian_etch" in page.content
     assert b"Save</button>" in page.content
+
+
+def test_a_connected_host_that_stopped_talking_is_shown_unresponsive(admin_client, online,
+                                                                       settings):
+    """Its socket is open (a frozen or overloaded agent): online, but not to be relied on."""
+    settings.HOST_UNRESPONSIVE_SECONDS = 30
+    Host.objects.filter(name="hostb").update(last_seen=timezone.now() - timedelta(seconds=45))
+    hosts = {h["name"]: h for h in admin_client.get("/api/v1/hosts/").json()["results"]}
+    assert (hosts["hostb"]["online"], hosts["hostb"]["unresponsive"]) == (True, True)
+    assert (hosts["hostc"]["online"], hosts["hostc"]["unresponsive"]) == (True, False)
+    page = admin_client.get("/").content.decode()
+    hostb = page[page.index('id="host-hostb"'):page.index('id="host-hostc"')]
+    assert ">unresponsive</span>" in hostb and ">online</span>" not in hostb
+    assert ">online</span>" in page[page.index('id="host-hostc"'):]
 
 
 def test_auditor_dashboard_has_no_save_button(auditor_client, online):
