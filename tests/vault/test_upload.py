@@ -12,7 +12,7 @@ from portal.models import AuditRecord
 from tests.vault.conftest import memory_like
 from vault import service
 from vault.models import SavedImage
-from vault.upload import FEED_BYTES, handle_upload
+from vault.upload import BUFFERS, FEED_BYTES, handle_upload
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -78,8 +78,9 @@ async def test_upload_streams_into_the_vault_and_returns_the_record(token):
 
 
 async def test_body_spanning_several_feed_buffers_is_stored_byte_for_byte(token):
-    # Odd-sized messages: buffers fill across message boundaries, and a partial one is left.
-    data = memory_like(2 * FEED_BYTES + 3 * 1024 * 1024 + 777)
+    # Odd-sized messages: buffers fill across message boundaries, each of the BUFFERS is
+    # filled again after both lanes are done with it, and a partial one is left.
+    data = memory_like((BUFFERS + 2) * FEED_BYTES + 3 * 1024 * 1024 + 777)
     status, body = await post(headers_for(token, len(data)), pieces_of(data, 300_001))
     assert status == 201, body
     assert body["sha256"] == hashlib.sha256(data).hexdigest()
