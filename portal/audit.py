@@ -16,7 +16,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from portal.audit_keys import AuditKeyError, AuditKeyring, KeyVersion
+from portal.audit_keys import AuditKeyError, AuditKeyring, KeyVersion, covering
 from portal.models import ActorKind, AuditHead, AuditRecord, Outcome
 
 FIELDS = ("seq", "time", "actor_kind", "actor", "action", "target", "outcome",
@@ -30,8 +30,10 @@ def canonical(record: AuditRecord) -> bytes:
     return json.dumps(values, sort_keys=True, separators=(",", ":"), default=str).encode()
 
 
-def compute_mac(previous_mac: str, record: AuditRecord) -> str:
-    key = keyring().key_for(record.seq).key
+def compute_mac(previous_mac: str, record: AuditRecord, key: bytes | None = None) -> str:
+    """``key``: the record's key if the caller has it (``verify_chain``, which reads the
+    keyring once instead of once per record)."""
+    key = key if key is not None else keyring().key_for(record.seq).key
     return hmac.new(key, previous_mac.encode() + canonical(record), hashlib.sha256).hexdigest()
 
 
@@ -155,13 +157,19 @@ class Verification:
 def verify_chain(batch_size=2000) -> Verification:
     """Walk the chain in sequence order; report the first record that breaks it."""
     previous_mac, expected_seq, count = "", 1, 0
+    try:
+        versions, unusable = keyring().versions(), None
+    except AuditKeyError as exc:  # reported at the first record that needs a key
+        versions, unusable = [], exc
     queryset = AuditRecord.objects.order_by("seq")
     for entry in queryset.iterator(chunk_size=batch_size):
         if entry.seq != expected_seq:
             return Verification(False, count, expected_seq,
                                 f"record {expected_seq} is missing or out of order")
         try:
-            mac = compute_mac(previous_mac, entry)
+            if unusable:
+                raise unusable
+            mac = compute_mac(previous_mac, entry, covering(versions, entry.seq).key)
         except AuditKeyError as exc:
             return Verification(False, count, entry.seq, str(exc))
         if not hmac.compare_digest(entry.mac, mac):

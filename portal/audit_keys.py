@@ -32,6 +32,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from portal.secrets import write_atomic
+
 FORMAT = 1
 
 
@@ -62,13 +64,7 @@ class AuditKeyring:
         """The version that MACs record ``seq`` (the latest beginning at or before it)."""
         with self._lock:
             self._reload()
-            chosen = None
-            for version in self._versions:
-                if version.first_seq <= seq:
-                    chosen = version
-            if chosen is None:
-                raise AuditKeyError(f"no audit key version covers record {seq}")
-            return chosen
+            return covering(self._versions, seq)
 
     def versions(self) -> list[KeyVersion]:
         with self._lock:
@@ -119,18 +115,18 @@ class AuditKeyring:
         data = {"format": FORMAT, "versions": [
             {"version": v.version, "key": v.key.decode(), "first_seq": v.first_seq,
              "created": v.created} for v in versions]}
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomic(self.path, json.dumps(data, indent=1).encode())
+
+
+def covering(versions: list[KeyVersion], seq: int) -> KeyVersion:
+    """Of ``versions`` (oldest first), the one that MACs record ``seq``."""
+    chosen = None
+    for version in versions:
+        if version.first_seq <= seq:
+            chosen = version
+    if chosen is None:
+        raise AuditKeyError(f"no audit key version covers record {seq}")
+    return chosen
 
 
 def _stamp(path: Path) -> tuple | None:

@@ -1,9 +1,11 @@
-"""Secrets that Berth generates once and keeps under the data directory.
+"""Secrets that Berth generates once and keeps under the data directory, and the
+atomic file replacement that key and state files share.
 
 Django-free on purpose: settings.py imports it before Django is configured.
 """
 import os
 import secrets
+import threading
 from pathlib import Path
 
 
@@ -41,3 +43,24 @@ def _read_when_written(path: Path) -> str:
 
         time.sleep(0.01)
     raise RuntimeError(f"secret file {path} is empty")
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data``: readers see the old or the new file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    # The rename itself must survive a crash too.
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -23,8 +23,7 @@ from typing import Any
 
 from migrator.hypervisor.base import GuestNotFound, HypervisorDriver
 from migrator.relocation.precopy import settle_source
-
-from .outbox import write_atomic
+from portal.secrets import write_atomic
 
 ROLES = ("source", "destination")
 KEEP = ("source", "destination")

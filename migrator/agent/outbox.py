@@ -26,6 +26,8 @@ import uuid as uuidlib
 from pathlib import Path
 from typing import Any
 
+from portal.secrets import write_atomic
+
 log = logging.getLogger("berth.agent")
 
 FILE_NAME = "outbox.json"
@@ -140,27 +142,6 @@ class HostState:
         if self._path is not None:
             data = {"guest_uuids": self._uuids, "departed": sorted(self._departed)}
             write_atomic(self._path, json.dumps(data, indent=1).encode("utf-8"))
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data``: readers see the old or the new file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    # The rename itself must survive a crash too.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def ensure_state_dir(path: str | os.PathLike[str]) -> Path:
