@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
-from portal import audit
+from portal import audit, body_reader
 from portal.asgi_auth import authenticate_scope
 from portal.models import Outcome
 from vault import access, service
@@ -57,7 +57,7 @@ async def handle_upload(scope, receive, send):
     try:
         request = await _authorise(scope)
         metadata = parse_metadata(scope)
-        image = await _receive_into_vault(request, metadata, receive)
+        image = await _receive_into_vault(request, metadata, _body_source(scope, receive))
     except UploadError as exc:
         return await _respond(send, exc.status, {"error": exc.error, "detail": exc.detail})
     except ClientGone:
@@ -144,10 +144,10 @@ def _declared_size(headers):
     return size
 
 
-async def _receive_into_vault(request, meta, receive):
+async def _receive_into_vault(request, meta, body):
     sink = await asyncio.to_thread(service.ImageSink)
     try:
-        await _pump(receive, sink, meta["declared_size"])
+        await _pump(body, sink, meta["declared_size"])
         try:
             stats = await asyncio.to_thread(sink.finish, meta.get("sha256"))
         except service.DigestMismatch as exc:
@@ -199,8 +199,62 @@ class _Lanes:
                 raise result
 
 
-async def _pump(receive, sink, declared):
-    """Receive the body into chunk-aligned buffers that two threads seal and hash.
+def _body_source(scope, receive):
+    """Where the body comes from: straight off the socket when the server offers
+    that (portal.body_reader, as the portal is served), else ASGI messages."""
+    reader = scope.get("extensions", {}).get(body_reader.EXTENSION)
+    return _ReaderBody(reader) if reader is not None else _MessageBody(receive)
+
+
+class _ReaderBody:
+    """The body read by the event loop straight into our buffers: no copies on the way.
+
+    Offered only with a Content-Length, which ``parse_metadata`` has held to the limit."""
+
+    def __init__(self, reader):
+        self.reader = reader
+
+    async def fill(self, buffer) -> int:
+        try:
+            return await self.reader.fill(buffer)
+        except body_reader.BodyDisconnect:
+            raise ClientGone() from None
+
+
+class _MessageBody:
+    """The body from ASGI ``http.request`` messages, copied into our buffers."""
+
+    def __init__(self, receive):
+        self.receive = receive
+        self.pending, self.more, self.received = memoryview(b""), True, 0
+
+    async def fill(self, buffer) -> int:
+        view, filled = memoryview(buffer), 0
+        while filled < len(view):
+            if not self.pending:
+                if not self.more:
+                    break
+                await self._next_message()
+            take = min(len(self.pending), len(view) - filled)
+            view[filled:filled + take] = self.pending[:take]
+            self.pending, filled = self.pending[take:], filled + take
+        return filled
+
+    async def _next_message(self):
+        message = await self.receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone()
+        body = message.get("body", b"")
+        self.received += len(body)
+        # Checked as it arrives: a body without Content-Length has no other limit.
+        if self.received > settings.VAULT_MAX_IMAGE_BYTES:
+            raise UploadError(413, "too_large",
+                              f"Images are limited to {settings.VAULT_MAX_IMAGE_BYTES} bytes.")
+        self.pending, self.more = memoryview(body), message.get("more_body", False)
+
+
+async def _pump(body, sink, declared):
+    """Fill chunk-aligned buffers from the body; two threads seal and hash them.
 
     While one buffer is filled by the event loop, earlier ones are sealed and
     hashed, so network, hashing and encryption overlap on two cores. Whole
@@ -208,31 +262,18 @@ async def _pump(receive, sink, declared):
     """
     feed = max(1, FEED_BYTES // sink.chunk_size) * sink.chunk_size
     lanes = _Lanes(sink, feed)
-    received, limit = 0, settings.VAULT_MAX_IMAGE_BYTES
+    received = 0
     try:
-        buffer, fill = await lanes.take(), 0
         while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise ClientGone()
-            body = message.get("body", b"")
-            received += len(body)
-            if received > limit:
-                raise UploadError(413, "too_large", f"Images are limited to {limit} bytes.")
+            buffer = await lanes.take()
+            n = await body.fill(buffer)
+            received += n
             if declared is not None and received > declared:
                 raise UploadError(400, "length_mismatch", "The body is longer than Content-Length.")
-            view = memoryview(body)
-            while view:
-                take = min(len(view), feed - fill)
-                buffer[fill:fill + take] = view[:take]
-                fill, view = fill + take, view[take:]
-                if fill == feed:
-                    lanes.submit(buffer, buffer)
-                    buffer, fill = await lanes.take(), 0
-            if not message.get("more_body", False):
+            if n:
+                lanes.submit(buffer if n == feed else memoryview(buffer)[:n], buffer)
+            if n < feed:
                 break
-        if fill:
-            lanes.submit(memoryview(buffer)[:fill], buffer)
     except BaseException:
         await lanes.drain(quiet=True)  # the buffers are ours again; this error is the answer
         raise

@@ -104,6 +104,12 @@ class PortalServer:
                 time.sleep(0.2)
         raise RuntimeError(f"portal did not start:\n{self.log.read_text()}")
 
+    def issue_token(self, username, *scopes):
+        """A new API token for ``username`` with ``scopes``, issued by `manage.py tokens`."""
+        args = [arg for scope in scopes for arg in ("--scope", scope)]
+        out = manage("tokens", "issue", username, *args, env=self.env).stdout
+        return out.split("token: ")[1].split()[0]
+
     def restart(self, timeout=60):
         """Stop the process and start it again on the same port, with the same data."""
         self._end_process()

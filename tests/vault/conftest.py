@@ -4,6 +4,7 @@ import os
 import pytest
 from django.test import RequestFactory
 
+from tests.support.server import PortalServer
 from vault import service
 
 
@@ -11,6 +12,18 @@ from vault import service
 def _vault_for_every_test(private_vault):
     """Every vault test gets the private vault (fixture in tests/conftest.py)."""
     return private_vault
+
+
+@pytest.fixture
+def real_portal(tmp_path):
+    """The portal served as `make demo` serves it, with a temp directory of its own:
+    (server, that temp directory)."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    (tmp_path / "data").mkdir()
+    portal = PortalServer(tmp_path / "data", {"TMPDIR": str(temp)}).start()
+    yield portal, temp
+    portal.stop()
 
 
 def request_as(user, path="/", verified=True):

@@ -5,9 +5,6 @@ import tempfile
 from pathlib import Path
 
 import httpx
-import pytest
-
-from tests.support.server import PortalServer, manage
 
 
 def contains(root: Path, marker: bytes) -> list[Path]:
@@ -23,22 +20,9 @@ def contains(root: Path, marker: bytes) -> list[Path]:
     return hits
 
 
-@pytest.fixture
-def server(tmp_path):
-    temp = tmp_path / "tmp"
-    temp.mkdir()
-    portal = PortalServer(tmp_path / "data", {"TMPDIR": str(temp)})
-    (tmp_path / "data").mkdir()
-    portal.start()
-    yield portal, temp
-    portal.stop()
-
-
-def test_uploaded_plaintext_never_touches_disk(server):
-    portal, temp = server
-    out = manage("tokens", "issue", "admin", "--scope", "images:write", "--scope",
-                 "images:download", env=portal.env).stdout
-    token = out.split("token: ")[1].split()[0]
+def test_uploaded_plaintext_never_touches_disk(real_portal):
+    portal, temp = real_portal
+    token = portal.issue_token("admin", "images:write", "images:download")
     marker = b"BERTH-MARKER-" + secrets.token_hex(16).encode()
     # Several MiB, the marker repeated on many pages and across chunk boundaries.
     page = marker + os.urandom(4096 - len(marker))

@@ -35,8 +35,9 @@ class Command(BaseCommand):
         agents = [self._start_agent(config) for config in configs]
         self.stdout.write(f"Serving Berth at {portal_url}/ — Ctrl-C stops the portal and agents.")
         try:
+            # The body reader: image uploads land in the vault's buffers without copies.
             uvicorn.run("portal.asgi:application", host=host, port=port, lifespan="off",
-                        log_level="info")
+                        log_level="info", http="portal.body_reader:HttpProtocol")
         finally:
             for agent in agents:
                 agent.terminate()
