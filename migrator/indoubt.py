@@ -26,6 +26,7 @@ from django.utils import timezone
 
 from migrator import access, progress
 from migrator.models import Job, JobKind
+from migrator.orchestrate import OperationError, _refuse, audits_refusals
 from portal import audit
 from portal.models import ActorKind, Outcome
 
@@ -192,10 +193,9 @@ def _locked(job_id):
         "source_host", "destination_host", "requester").filter(id=job_id).first()
 
 
+@audits_refusals
 def request_resolve(request, job, keep):
     """An admin settles an in-doubt migration the rule could not (or not yet)."""
-    from migrator.orchestrate import OperationError, _refuse
-
     target = f"job:{job.id}"
     if not access.can_operate(request, "resolve"):
         _refuse(request, "job.resolve", target, 403, "permission_denied",

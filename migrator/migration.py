@@ -12,7 +12,7 @@ from django.db import transaction
 
 from migrator import access, progress
 from migrator.models import Host, Job, JobKind
-from migrator.orchestrate import _not_busy, _online_host, _refuse, running_guest
+from migrator.orchestrate import _not_busy, _online_host, _refuse, audits_refusals, running_guest
 
 TICKET_SECONDS = 300
 
@@ -23,8 +23,10 @@ def precheck(guest, destination):
     checks = [
         ("other host", guest.host_id != destination.id,
          "the guest already runs there" if guest.host_id == destination.id else ""),
-        ("destination online", destination.online and not destination.revoked,
-         "" if destination.online else "its agent is not connected"),
+        ("destination online",
+         destination.online and not destination.revoked and not destination.unresponsive,
+         "its agent is not connected" if not destination.online
+         else "its agent has gone silent" if destination.unresponsive else ""),
         ("memory", destination.free_mib >= guest.memory_mib,
          f"needs {guest.memory_mib} MiB, {destination.free_mib} MiB free"),
     ]
@@ -73,6 +75,7 @@ def parameters(live=True, downtime_ms=None, max_rounds=None, max_data_factor=Non
     }
 
 
+@audits_refusals
 def request_migrate(request, guest_uuid, destination_name, **overrides) -> Job:
     target = f"guest:{guest_uuid}"
     if not access.can_operate(request, "migrate"):

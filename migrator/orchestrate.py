@@ -3,6 +3,8 @@
 Plain functions; views, API and tests call them. Each raises OperationError
 (with the HTTP status it maps to and a reason) when a request cannot be honoured.
 """
+import functools
+
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
@@ -17,16 +19,36 @@ IN_FLIGHT = (JobState.QUEUED, JobState.RUNNING, JobState.IN_DOUBT)
 
 
 class OperationError(Exception):
-    def __init__(self, status, code, detail):
+    def __init__(self, status, code, detail, refusal=None):
         super().__init__(detail)
         self.status, self.code, self.detail = status, code, detail
+        self.refusal = refusal  # (request, action, target) to audit, once
+
+    def audit(self):
+        """Record the refusal, once. Callers do it after their transaction is over."""
+        if self.refusal is None:
+            return
+        (request, action, target), self.refusal = self.refusal, None
+        outcome = Outcome.DENIED if self.status in (401, 403) else Outcome.FAILED
+        audit.record_request(request, action, target=target, outcome=outcome,
+                             details={"reason": self.detail})
 
 
 def _refuse(request, action, target, status, code, detail):
-    outcome = Outcome.DENIED if status in (401, 403) else Outcome.FAILED
-    audit.record_request(request, action, target=target, outcome=outcome,
-                         details={"reason": detail})
-    raise OperationError(status, code, detail)
+    raise OperationError(status, code, detail, refusal=(request, action, target))
+
+
+def audits_refusals(function):
+    """Audit the refusal ``function`` ends in after its transaction has rolled back:
+    a record written inside the transaction would roll back with it."""
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except OperationError as exc:
+            exc.audit()
+            raise
+    return run
 
 
 def _online_host(request, action, target, host):
@@ -37,6 +59,12 @@ def _online_host(request, action, target, host):
     if not host.online:
         _refuse(request, action, target, 409, "host_offline",
                 f"Host {host.name} is offline: its agent is not connected.")
+    if host.unresponsive:
+        # Its socket is open but the agent is frozen or cut off: a command sent now
+        # would only wait for the start timeout to fail it.
+        _refuse(request, action, target, 409, "host_unresponsive",
+                f"Host {host.name} is unresponsive: its agent has sent nothing for "
+                f"over {settings.HOST_UNRESPONSIVE_SECONDS} s.")
     return host
 
 
@@ -60,6 +88,7 @@ def running_guest(request, action, guest_uuid):
     return guest
 
 
+@audits_refusals
 def request_save(request, guest_uuid) -> Job:
     target = f"guest:{guest_uuid}"
     if not access.can_operate(request, "save"):
@@ -84,6 +113,7 @@ def request_save(request, guest_uuid) -> Job:
     return job
 
 
+@audits_refusals
 def request_restore(request, image, host_name, idempotency_key="") -> Job:
     # Permission first: a known key must not reveal an earlier job to a caller
     # (say, a token of the same user) that may not restore this image.
@@ -151,6 +181,7 @@ def _not_running_anywhere(request, target, image):
                 f"Guest {running.name} is already running on {running.host.name}.")
 
 
+@audits_refusals
 def request_abort(request, job) -> Job:
     target = f"job:{job.id}"
     if not access.can_operate(request, "abort"):

@@ -337,7 +337,8 @@ PORTAL_URL = env("PORTAL_URL", "http://127.0.0.1:8000")
 JOB_AGENT_TIMEOUT_SECONDS = env_int("JOB_AGENT_TIMEOUT_SECONDS", 60)
 # A queued job a connected agent has not started by then is failed: its command was lost.
 JOB_START_TIMEOUT_SECONDS = env_int("JOB_START_TIMEOUT_SECONDS", 60)
-# A connected agent silent this long (three of its 10 s heartbeats) is shown unresponsive:
+# A connected agent silent this long (three of its 10 s heartbeats) is shown unresponsive
+# and gets no new jobs:
 # its socket is open, but it has stopped talking (frozen, overloaded, half-dead link).
 HOST_UNRESPONSIVE_SECONDS = env_int("HOST_UNRESPONSIVE_SECONDS", 30)
 

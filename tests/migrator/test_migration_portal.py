@@ -5,6 +5,7 @@ from asgiref.sync import sync_to_async
 from migrator import migration
 from migrator.models import Guest, Host, Job
 from migrator.orchestrate import OperationError
+from portal.models import AuditRecord
 from tests.migrator.conftest import GUEST, connect_agent
 from tests.migrator.test_consumers import as_request, jobs_socket
 
@@ -71,6 +72,9 @@ async def test_offline_destination_is_409(enrolled, admin_user):
         await sync_to_async(migration.request_migrate)(as_request(admin_user), GUEST["uuid"],
                                                        "hostc")
     assert refused.value.status == 409 and "offline" in refused.value.detail
+    # Refused inside the transaction that rolled back, audited after it.
+    assert await AuditRecord.objects.filter(action="guest.migrate", outcome="failed",
+                                            details__reason=refused.value.detail).aexists()
     await hostb.disconnect()
 
 

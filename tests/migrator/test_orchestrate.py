@@ -58,6 +58,15 @@ def test_save_on_offline_host_is_409_with_the_reason(admin_client, online, sent)
     assert "offline" in response.json()["detail"] and sent == []
 
 
+def test_save_on_a_silent_host_is_409_unresponsive(admin_client, online, sent, settings):
+    stale = timezone.now() - timedelta(seconds=settings.HOST_UNRESPONSIVE_SECONDS + 1)
+    Host.objects.filter(name="hostb").update(last_seen=stale)
+    response = admin_client.post(f"/api/v1/guests/{GUEST['uuid']}/save")
+    assert response.status_code == 409 and response.json()["error"] == "host_unresponsive"
+    assert sent == [] and not Job.objects.exists()
+    assert AuditRecord.objects.filter(action="guest.save", outcome="failed").exists()
+
+
 def test_second_operation_on_a_busy_guest_is_409(admin_client, online, sent):
     assert admin_client.post(f"/api/v1/guests/{GUEST['uuid']}/save").status_code == 202
     response = admin_client.post(f"/api/v1/guests/{GUEST['uuid']}/save")
