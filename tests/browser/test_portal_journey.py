@@ -1,10 +1,14 @@
 """The portal in a real browser (Debian's Chromium driven by Playwright), against the real
 server and the demo's two hosts with real agents: second factor, save with live progress,
-restore, live migration with its chart of rounds, and the auditor's chain check.
+restore, live migration with its chart of rounds, an upload from the vault page, and
+the auditor's chain check.
 
 Run on its own: ``make browser-test`` (``pytest tests/browser -m browser -p no:asyncio``).
 Playwright never downloads a browser here: it drives the system Chromium.
 """
+import hashlib
+import os
+import re
 import time
 
 import pytest
@@ -59,7 +63,7 @@ def watch_job_to_success(watched, name):
     return seen, job_url.rstrip("/").rsplit("/", 1)[1]
 
 
-def test_admin_with_second_factor_saves_restores_and_migrates(signed_in, deployment):
+def test_admin_with_second_factor_saves_restores_and_migrates(signed_in, deployment, tmp_path):
     with signed_in("admin", ADMIN_PASSWORD) as watched:
         page = watched.page
         # Password first: an admin without an authenticator is told to set one up.
@@ -114,6 +118,20 @@ def test_admin_with_second_factor_saves_restores_and_migrates(signed_in, deploym
         assert page.locator("#rounds-chart rect").count() >= 1
         shot(page, "10-migrate-chart")
         assert deployment.guest("debian_etch")["host"] == "hostc"
+
+        # Upload from the vault page: the browser streams the file; the image page opens.
+        data = os.urandom(3 * 1024 * 1024 + 100)
+        (tmp_path / "upload.img").write_bytes(data)
+        page.goto("/vault/upload/")
+        page.fill("#f-name", "browser-upload")
+        page.set_input_files("#f-file", str(tmp_path / "upload.img"))
+        page.click("#upload-form button[type=submit]")
+        page.wait_for_url(re.compile(r".*/vault/[0-9a-f-]{36}/$"))
+        shot(page, "11-uploaded-image")
+        image_id = page.url.rstrip("/").rsplit("/", 1)[1]
+        image = deployment.get(f"/api/v1/images/{image_id}")
+        assert (image["name"], image["plaintext_size"], image["sha256"]) == (
+            "browser-upload", len(data), hashlib.sha256(data).hexdigest())
 
 
 def test_auditor_verifies_the_chain(signed_in):
