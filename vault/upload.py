@@ -60,7 +60,7 @@ async def handle_upload(scope, receive, send):
         image = await _receive_into_vault(request, metadata, _body_source(scope, receive))
     except UploadError as exc:
         return await _respond(send, exc.status, {"error": exc.error, "detail": exc.detail})
-    except ClientGone:
+    except (ClientGone, body_reader.BodyDisconnect):
         return None
     except OSError as exc:  # the vault's storage failed (disk full, I/O error): nothing kept
         log.error("upload failed in the vault's storage: %s", exc)
@@ -139,9 +139,13 @@ def _declared_size(headers):
         raise UploadError(400, "invalid", "Content-Length is not a number.")
     size = int(raw)
     if size > settings.VAULT_MAX_IMAGE_BYTES:
-        raise UploadError(413, "too_large",
-                          f"Images are limited to {settings.VAULT_MAX_IMAGE_BYTES} bytes.")
+        raise _too_large()
     return size
+
+
+def _too_large():
+    return UploadError(413, "too_large",
+                       f"Images are limited to {settings.VAULT_MAX_IMAGE_BYTES} bytes.")
 
 
 async def _receive_into_vault(request, meta, body):
@@ -200,25 +204,12 @@ class _Lanes:
 
 
 def _body_source(scope, receive):
-    """Where the body comes from: straight off the socket when the server offers
-    that (portal.body_reader, as the portal is served), else ASGI messages."""
+    """Something to ``fill`` buffers from: the event loop reading the socket straight
+    into them when the server offers that (portal.body_reader, as the portal is
+    served; only with a Content-Length, which ``parse_metadata`` has held to the
+    limit), else ASGI messages."""
     reader = scope.get("extensions", {}).get(body_reader.EXTENSION)
-    return _ReaderBody(reader) if reader is not None else _MessageBody(receive)
-
-
-class _ReaderBody:
-    """The body read by the event loop straight into our buffers: no copies on the way.
-
-    Offered only with a Content-Length, which ``parse_metadata`` has held to the limit."""
-
-    def __init__(self, reader):
-        self.reader = reader
-
-    async def fill(self, buffer) -> int:
-        try:
-            return await self.reader.fill(buffer)
-        except body_reader.BodyDisconnect:
-            raise ClientGone() from None
+    return reader if reader is not None else _MessageBody(receive)
 
 
 class _MessageBody:
@@ -248,8 +239,7 @@ class _MessageBody:
         self.received += len(body)
         # Checked as it arrives: a body without Content-Length has no other limit.
         if self.received > settings.VAULT_MAX_IMAGE_BYTES:
-            raise UploadError(413, "too_large",
-                              f"Images are limited to {settings.VAULT_MAX_IMAGE_BYTES} bytes.")
+            raise _too_large()
         self.pending, self.more = memoryview(body), message.get("more_body", False)
 
 
