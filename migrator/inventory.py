@@ -202,6 +202,8 @@ def record_result(host, message):
     job = _job_of(host, job_id)
     if job is None:
         return job_id  # unknown to us: ack so the agent stops resending it
+    if job.kind == JobKind.SAVE and job.image_id and message.get("state") != JobState.SUCCEEDED:
+        _discard_image_of_failed_save(host, job, message)
     if job.is_final:
         _late_report(host, job, message)
         return job_id
@@ -224,6 +226,25 @@ def record_result(host, message):
     _audit_outcome(host, job)
     transaction.on_commit(lambda: progress.publish(job, "final"))
     return job_id
+
+
+def _discard_image_of_failed_save(host, job, message):
+    """The agent says the save failed, yet its upload was stored: the portal's answer
+    never reached the agent, so it put the guest back, and the guest runs on. The image
+    is a copy its requester was never given, so it goes: a failed save leaves nothing."""
+    from vault import service
+    from vault.models import SavedImage
+
+    image_id, error = job.image_id, str(message.get("error", ""))[:500]
+    job.result = {**job.result, "discarded_image": str(image_id)}
+    job.save(update_fields=["result"])
+    reason = f"its save (job {job.id}) failed on {host.name}: {error}"
+
+    def discard():
+        image = SavedImage.objects.filter(id=image_id).first()
+        if image is not None:
+            service.delete(image, reason=reason)
+    transaction.on_commit(discard)
 
 
 def _late_report(host, job, message):

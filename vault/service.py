@@ -144,8 +144,11 @@ def register_image(request, sink, stats, meta):
                                  details={"name": image.name, "size": image.plaintext_size,
                                           "stored": image.stored_size})
             signals.image_stored.send(SavedImage, image=image, request=request)
-    except BaseException:
+    except BaseException as exc:
         storage().shred(str(sink.image_id))
+        if isinstance(exc, signals.StoreRefused):  # its record went with the rollback
+            audit.record_request(request, "image.upload", target="vault",
+                                 outcome=Outcome.DENIED, details={"reason": exc.detail})
         raise
     return image
 
@@ -194,9 +197,14 @@ def verify(image, *, actor=None, request=None):
     return ok, reason
 
 
-def delete(image, request):
-    """Crypto-shred: the wrapped data key goes first, then ciphertext, then the row."""
+def delete(image, request=None, *, reason=""):
+    """Crypto-shred: the wrapped data key goes first, then ciphertext, then the row.
+    Without a request the portal itself deletes the image, and says why."""
     storage().shred(str(image.id))
     target = image.target
     image.delete()
-    audit.record_request(request, "image.delete", target=target)
+    if request is None:
+        audit.record("image.delete", actor=audit.Actor.system(), target=target,
+                     details={"reason": reason})
+    else:
+        audit.record_request(request, "image.delete", target=target)

@@ -2,6 +2,15 @@
 from django.dispatch import Signal
 
 # Sent inside the transaction that registers a newly stored image: (image, request).
+# A receiver may raise StoreRefused: the row and the object are then undone.
 image_stored = Signal()
 # Sent when a download's first byte is about to be sent: (image, request).
 image_download_started = Signal()
+
+
+class StoreRefused(Exception):
+    """A receiver of ``image_stored`` will not have the image (e.g. its job is over)."""
+
+    def __init__(self, status, error, detail):
+        super().__init__(detail)
+        self.status, self.error, self.detail = status, error, detail

@@ -22,7 +22,7 @@ from django.conf import settings
 from portal import audit, body_reader
 from portal.asgi_auth import authenticate_scope
 from portal.models import Outcome
-from vault import access, service
+from vault import access, service, signals
 
 log = logging.getLogger(__name__)
 UPLOAD_PATH = "/api/v1/images/"
@@ -156,7 +156,10 @@ async def _receive_into_vault(request, meta, body):
             stats = await asyncio.to_thread(sink.finish, meta.get("sha256"))
         except service.DigestMismatch as exc:
             raise UploadError(422, "digest_mismatch", str(exc)) from None
-        return await sync_to_async(service.register_image)(request, sink, stats, meta)
+        try:
+            return await sync_to_async(service.register_image)(request, sink, stats, meta)
+        except signals.StoreRefused as exc:
+            raise UploadError(exc.status, exc.error, exc.detail) from None
     except BaseException:
         await asyncio.to_thread(sink.abort)
         raise

@@ -84,3 +84,58 @@ def test_a_re_sent_result_of_the_same_outcome_adds_nothing(migrating):
     inventory.record_result(Host.objects.get(name="hostb"),
                             {"job": str(migrating.id), "state": "failed", "error": "boom"})
     assert "late_report" not in Job.objects.get(id=migrating.id).result
+
+
+@pytest.fixture
+def saving(enrolled, admin_user, private_vault):
+    """A save of GUEST on hostb whose upload the vault has stored: (job, image)."""
+    from tests.vault.conftest import memory_like, store_image
+
+    image = store_image(admin_user, memory_like(64 * 1024), guest_uuid=GUEST["uuid"])
+    job = Job.objects.create(kind=JobKind.SAVE, requester=admin_user,
+                             source_host=Host.objects.get(name="hostb"),
+                             guest_uuid=GUEST["uuid"], guest_name=GUEST["name"],
+                             state=JobState.RUNNING, image=image)
+    return job, image
+
+
+def image_gone(image):
+    from vault import service
+    from vault.models import SavedImage
+
+    return (not SavedImage.objects.filter(id=image.id).exists()
+            and not service.storage().exists(str(image.id)))
+
+
+@pytest.mark.django_db(transaction=True)  # the discard runs once the result is committed
+@pytest.mark.parametrize("already_failed", [False, True])
+def test_a_save_the_agent_reports_failed_leaves_no_image(saving, already_failed):
+    """The upload was stored but its answer never reached the agent (a portal restart),
+    so the agent put the guest back and reports the save failed - on time, or after the
+    portal had failed the job itself. The image nobody was given is crypto-shredded."""
+    from portal.models import AuditRecord
+
+    job, image = saving
+    if already_failed:
+        job.fail("the agent on hostb went away and did not come back within 5 s")
+        job.save()
+    report = {"job": str(job.id), "state": "failed", "error": "upload failed: connection reset"}
+    inventory.record_result(Host.objects.get(name="hostb"), report)
+    job.refresh_from_db()
+    assert job.state == JobState.FAILED and job.image_id is None
+    assert job.result["discarded_image"] == str(image.id)
+    assert image_gone(image)
+    shred = AuditRecord.objects.get(action="image.delete")
+    assert shred.target == image.target and "connection reset" in shred.details["reason"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_save_reported_succeeded_keeps_its_image_even_when_late(saving):
+    job, image = saving
+    job.fail("the agent on hostb went away and did not come back within 5 s")
+    job.save()
+    report = {"job": str(job.id), "state": "succeeded", "result": {"image": str(image.id)}}
+    inventory.record_result(Host.objects.get(name="hostb"), report)
+    job.refresh_from_db()
+    assert job.image_id == image.id and job.result["late_report"]["state"] == "succeeded"
+    assert not image_gone(image)

@@ -1,0 +1,78 @@
+"""A save's upload, made with its job credential, belongs to that job - while it runs."""
+import json
+
+import pytest
+from asgiref.sync import sync_to_async
+
+from migrator import credentials
+from migrator.models import Job, JobCredential, JobKind
+from portal.models import AuditRecord, Outcome
+from tests.migrator.conftest import GUEST, host
+from tests.vault.conftest import memory_like
+from tests.vault.test_upload import nothing_stored, scope_for
+from vault.models import SavedImage
+from vault.upload import handle_upload
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("private_vault")]
+DATA = memory_like(1024 * 1024 + 12345)
+
+
+@pytest.fixture
+def save_job(enrolled, admin_user):
+    job = Job.objects.create(kind=JobKind.SAVE, requester=admin_user,
+                             source_host=host("hostb"), guest_uuid=GUEST["uuid"],
+                             guest_name=GUEST["name"])
+    job.start()
+    job.save()
+    return job, credentials.issue_job_credential(job, JobCredential.UPLOAD)
+
+
+async def upload_as_agent(secret, halfway=None):
+    """Post DATA in two halves with the job credential; ``halfway`` runs between them."""
+    half = len(DATA) // 2
+    messages = [{"type": "http.request", "body": DATA[:half], "more_body": True},
+                {"type": "http.request", "body": DATA[half:], "more_body": False}]
+    sent = []
+
+    async def receive():
+        if len(messages) == 1 and halfway is not None:
+            await sync_to_async(halfway)()
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    headers = {"Authorization": f"Job {secret}", "Content-Type": "application/octet-stream",
+               "Content-Length": str(len(DATA)), "X-Berth-Name": "etch",
+               "X-Berth-Guest-UUID": GUEST["uuid"]}
+    await handle_upload(scope_for(headers), receive, send)
+    return sent[0]["status"], json.loads(sent[1]["body"])
+
+
+async def test_the_upload_of_a_running_save_is_linked_to_its_job(save_job):
+    job, secret = save_job
+    status, body = await upload_as_agent(secret)
+    assert status == 201, body
+    await sync_to_async(job.refresh_from_db)()
+    assert str(job.image_id) == body["id"]
+
+
+async def test_a_save_ended_while_its_body_arrived_stores_nothing_and_says_why(save_job):
+    # The portal presumed the agent gone (say, slow to reconnect after a portal restart)
+    # and failed the job; the agent's upload, already under way, must not leave an image
+    # behind a failed save: the agent is told, resumes the guest, and the guest runs on.
+    job, secret = save_job
+
+    def portal_ends_the_job():
+        job.fail("the agent on hostb went away and did not come back within 5 s")
+        job.save()
+
+    status, body = await upload_as_agent(secret, halfway=portal_ends_the_job)
+    assert status == 409 and body["error"] == "job_over", body
+    assert "went away" in body["detail"] and "Nothing was stored" in body["detail"]
+    assert await sync_to_async(nothing_stored)()
+    await sync_to_async(job.refresh_from_db)()
+    assert job.image_id is None
+    refusal = await sync_to_async(AuditRecord.objects.get)(action="image.upload")
+    assert refusal.outcome == Outcome.DENIED and "went away" in refusal.details["reason"]
+    assert not await sync_to_async(SavedImage.objects.exists)()
