@@ -51,7 +51,7 @@ def add_streaming_endpoints(result, generator, request, public):
             "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
         "responses": {"201": {"description": "stored", "content": {"application/json": {
             "schema": {"$ref": "#/components/schemas/SavedImage"}}}},
-            **_errors(400, 401, 403, 413, 415, 422, 500, 507)},
+            **_errors(400, 401, 403, 409, 413, 415, 422, 500, 507)},
         "security": [{"knoxApiToken": []}, {"cookieAuth": []}],
     }
     result["paths"]["/api/v1/images/{id}/content"] = {"get": {
