@@ -76,7 +76,7 @@ def test_http_route(route, method, caller, expected, request, private_vault):
 
 @pytest.mark.django_db(transaction=True)  # the consumers read the database from threads
 @pytest.mark.parametrize(("route", "method", "caller", "expected"), WS_CELLS)
-def test_websocket_route(route, method, caller, expected, request, settings):
+def test_websocket_route(route, method, caller, expected, request, settings, private_vault):
     # Who may open which socket does not depend on the channel layer; with channels-redis
     # (the scale-out pass) a layer task once hung asyncio.run's shutdown here, so the
     # matrix uses the in-process layer. tests/migrator/test_scaleout_e2e.py covers Redis.
