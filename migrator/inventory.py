@@ -254,6 +254,8 @@ def _late_report(host, job, message):
     happened, the audit trail records it, and a real success moves the guest's
     row at once instead of at the next inventory."""
     state = message.get("state")
+    if job.result.pop("unconfirmed", None):  # the agent has spoken: no longer a guess
+        job.save(update_fields=["result"])
     if state == job.state or "late_report" in job.result or state not in JobState.values:
         return  # the same outcome, re-sent; or one we already noted
     error = str(message.get("error", ""))[:2000]
@@ -346,7 +348,7 @@ def _expire(job_id, now):
     job = Job.objects.select_for_update(of=("self",)).select_related(
         "source_host", "destination_host").filter(id=job_id).first()
     reason = _stale_reason(job, now) if job and not job.is_final else None
-    if reason is None or not job.fail(reason):
+    if reason is None or not job.give_up(reason):
         return 0
     job.save()
     transaction.on_commit(lambda: _announce_expiry(job))

@@ -229,6 +229,15 @@ class Job(models.Model):
     def fail(self, reason):
         return self._move(JobState.FAILED, error=reason, finished_at=timezone.now())
 
+    def give_up(self, reason, *, aborted=False):
+        """End the job on the portal's own presumption (its agent gone or unreachable).
+        The agent may have done it all the same: ``result["unconfirmed"]`` says so, and
+        stays until the agent's host reports again (see orchestrate)."""
+        if not (self.abort(reason) if aborted else self.fail(reason)):
+            return False
+        self.result = {**self.result, "unconfirmed": True}
+        return True
+
     def hold_in_doubt(self, reason):
         return self._move(JobState.IN_DOUBT, error=reason)
 

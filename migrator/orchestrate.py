@@ -133,6 +133,7 @@ def request_restore(request, image, host_name, idempotency_key="") -> Job:
     _check_fits(request, target, image, host)
     with transaction.atomic():
         _not_running_anywhere(request, target, image)
+        _no_unconfirmed_restore(request, target, image)
         _not_busy(request, "image.restore", target, image.guest_uuid)
         job = Job.objects.create(kind=JobKind.RESTORE, requester=request.user,
                                  guest_uuid=image.guest_uuid, guest_name=image.guest_name,
@@ -181,6 +182,22 @@ def _not_running_anywhere(request, target, image):
                 f"Guest {running.name} is already running on {running.host.name}.")
 
 
+def _no_unconfirmed_restore(request, target, image):
+    """A restore the portal ended without its agent's word (the agent was away) may
+    have booted the guest all the same. Until that host reports again - its hello lists
+    its guests and late results - a restore elsewhere could start a second copy."""
+    unconfirmed = Job.objects.filter(kind=JobKind.RESTORE, guest_uuid=image.guest_uuid,
+                                     result__unconfirmed=True).select_related("destination_host")
+    for job in unconfirmed:
+        host = job.destination_host
+        if host is None or host.revoked or (host.last_seen and host.last_seen > job.finished_at):
+            continue
+        _refuse(request, "image.restore", target, 409, "outcome_unknown",
+                f"The last restore of guest {job.guest_name} on {host.name} ended while its "
+                f"agent was away, so the guest may be running there. Wait for {host.name} "
+                "to report back, or revoke it if it is gone for good.")
+
+
 @audits_refusals
 def request_abort(request, job) -> Job:
     target = f"job:{job.id}"
@@ -197,7 +214,7 @@ def request_abort(request, job) -> Job:
     if host is not None and host.online:
         progress.send_to_host(host.name, {"type": "command", "job": str(job.id),
                                           "action": "abort", "reason": _aborted_by(request)})
-    elif job.abort("aborted while its host was offline"):
+    elif job.give_up("aborted while its host was offline", aborted=True):
         job.save()
         progress.publish(job, "final")
     return job

@@ -201,3 +201,49 @@ def test_a_connected_host_that_stopped_talking_is_shown_unresponsive(admin_clien
 def test_auditor_dashboard_has_no_save_button(auditor_client, online):
     page = auditor_client.get("/")
     assert b"debian_etch" in page.content and b"Save</button>" not in page.content
+
+
+def restore(client, image, host):
+    return client.post(f"/api/v1/images/{image.id}/restore", {"host": host},
+                       content_type="application/json")
+
+
+@pytest.fixture
+def restore_given_up(admin_client, online, sent, image, settings):
+    """A restore onto hostc that the portal failed because hostc's agent went away (the
+    agent may have booted the guest all the same); hostb is still online."""
+    job = Job.objects.get(id=restore(admin_client, image, "hostc").json()["id"])
+    job.start()
+    job.save()
+    away = timezone.now() - timedelta(seconds=settings.JOB_AGENT_TIMEOUT_SECONDS + 1)
+    Host.objects.filter(name="hostc").update(online=False, last_seen=away)
+    assert inventory.expire_stale_jobs() == 1
+    return Job.objects.get(id=job.id)
+
+
+def test_a_restore_given_up_on_blocks_another_until_its_host_reports(admin_client, online,
+                                                                      image, restore_given_up):
+    assert restore_given_up.state == "failed" and restore_given_up.result["unconfirmed"]
+    page = admin_client.get(f"/jobs/{restore_given_up.id}/").content.decode()
+    assert "without word from the agent on hostc" in page and "cannot be restored" in page
+    response = restore(admin_client, image, "hostb")
+    assert response.status_code == 409 and response.json()["error"] == "outcome_unknown"
+    assert "hostc" in response.json()["detail"]
+    assert AuditRecord.objects.filter(action="image.restore", outcome="failed").exists()
+    # hostc comes back without the guest: it never booted there, so a restore may go on.
+    inventory.connected(Host.objects.get(name="hostc"), "chan-hostc-2", hello("hostc", []))
+    assert restore(admin_client, image, "hostb").status_code == 202
+
+
+def test_a_late_report_settles_a_restore_given_up_on(admin_client, online, image,
+                                                     restore_given_up):
+    inventory.record_result(Host.objects.get(name="hostc"), {
+        "job": str(restore_given_up.id), "state": "failed", "error": "no such image"})
+    assert "unconfirmed" not in Job.objects.get(id=restore_given_up.id).result
+    assert restore(admin_client, image, "hostb").status_code == 202
+
+
+def test_revoking_a_host_gone_for_good_lets_the_guest_be_restored(admin_client, online, image,
+                                                                  restore_given_up):
+    Host.objects.filter(name="hostc").update(revoked_at=timezone.now())
+    assert restore(admin_client, image, "hostb").status_code == 202
