@@ -304,7 +304,10 @@ def _fail_lost_jobs(host, running_ids, acked_ids):
             continue
         if job.state == JobState.QUEUED and job.created_at > timezone.now() - timedelta(seconds=5):
             continue  # its command may be on its way to this very connection
-        if job.fail(f"the agent on {host.name} restarted and no longer knows this job"):
+        reason = f"the agent on {host.name} restarted and no longer knows this job"
+        if job.kind == JobKind.SAVE and job.image_id:  # stored before the restart
+            reason += "; the image it had uploaded is whole and kept"
+        if job.fail(reason):
             job.save()
             progress.publish(job, "final")
 
@@ -348,7 +351,10 @@ def _expire(job_id, now):
     job = Job.objects.select_for_update(of=("self",)).select_related(
         "source_host", "destination_host").filter(id=job_id).first()
     reason = _stale_reason(job, now) if job and not job.is_final else None
-    if reason is None or not job.give_up(reason):
+    if reason is None:
+        return 0
+    # A connected agent gets the abort below; one that is away may have done the job.
+    if not (job.fail(reason) if job.host.online else job.give_up(reason)):
         return 0
     job.save()
     transaction.on_commit(lambda: _announce_expiry(job))

@@ -139,3 +139,35 @@ def test_a_save_reported_succeeded_keeps_its_image_even_when_late(saving):
     job.refresh_from_db()
     assert job.image_id == image.id and job.result["late_report"]["state"] == "succeeded"
     assert not image_gone(image)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_save_whose_agent_restarted_after_storing_its_image_keeps_it(saving):
+    """The host crashed between the vault's 201 and the agent's report: the image is
+    whole, and may be the guest's last state, so the failed job keeps it and says so."""
+    from tests.migrator.conftest import hello
+
+    job, image = saving
+    inventory.connected(Host.objects.get(name="hostb"), "chan-again", hello("hostb", []))
+    job.refresh_from_db()
+    assert job.state == JobState.FAILED and "no longer knows this job" in job.error
+    assert "image it had uploaded is whole and kept" in job.error
+    assert job.image_id == image.id and not image_gone(image)
+
+
+def test_a_job_whose_command_a_connected_agent_never_got_is_failed_not_unconfirmed(
+        enrolled, admin_user, settings):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    hostc = Host.objects.get(name="hostc")
+    inventory.connected(hostc, "chan-hostc", {"guests": []})
+    job = Job.objects.create(kind=JobKind.RESTORE, requester=admin_user, destination_host=hostc,
+                             guest_uuid=GUEST["uuid"], guest_name=GUEST["name"])
+    Job.objects.filter(id=job.id).update(created_at=timezone.now() - timedelta(
+        seconds=settings.JOB_START_TIMEOUT_SECONDS + 1))
+    assert inventory.expire_stale_jobs() == 1
+    job.refresh_from_db()
+    assert job.state == JobState.FAILED and "did not start" in job.error
+    assert "unconfirmed" not in job.result  # the agent is there: it gets the abort
