@@ -9,7 +9,8 @@ image_download_started = Signal()
 
 
 class StoreRefused(Exception):
-    """A receiver of ``image_stored`` will not have the image (e.g. its job is over)."""
+    """An upload refused, with its HTTP status, error code and detail. A receiver of
+    ``image_stored`` raises it to refuse the image (e.g. its job is over)."""
 
     def __init__(self, status, error, detail):
         super().__init__(detail)

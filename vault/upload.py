@@ -33,10 +33,8 @@ FEED_BYTES = 4 * 1024 * 1024
 BUFFERS = 3  # one filling, two sealed or hashed: the hash never waits for a buffer
 
 
-class UploadError(Exception):
-    def __init__(self, status, error, detail):
-        super().__init__(detail)
-        self.status, self.error, self.detail = status, error, detail
+class UploadError(signals.StoreRefused):
+    """An upload refused before anything was stored: its JSON answer."""
 
 
 class ClientGone(Exception):
@@ -58,7 +56,7 @@ async def handle_upload(scope, receive, send):
         request = await _authorise(scope)
         metadata = parse_metadata(scope)
         image = await _receive_into_vault(request, metadata, _body_source(scope, receive))
-    except UploadError as exc:
+    except signals.StoreRefused as exc:  # an UploadError, or a receiver's refusal
         return await _respond(send, exc.status, {"error": exc.error, "detail": exc.detail})
     except (ClientGone, body_reader.BodyDisconnect):
         return None
@@ -156,10 +154,7 @@ async def _receive_into_vault(request, meta, body):
             stats = await asyncio.to_thread(sink.finish, meta.get("sha256"))
         except service.DigestMismatch as exc:
             raise UploadError(422, "digest_mismatch", str(exc)) from None
-        try:
-            return await sync_to_async(service.register_image)(request, sink, stats, meta)
-        except signals.StoreRefused as exc:
-            raise UploadError(exc.status, exc.error, exc.detail) from None
+        return await sync_to_async(service.register_image)(request, sink, stats, meta)
     except BaseException:
         await asyncio.to_thread(sink.abort)
         raise
