@@ -247,3 +247,13 @@ def test_revoking_a_host_gone_for_good_lets_the_guest_be_restored(admin_client, 
                                                                   restore_given_up):
     Host.objects.filter(name="hostc").update(revoked_at=timezone.now())
     assert restore(admin_client, image, "hostb").status_code == 202
+
+
+def test_a_restore_aborted_while_its_host_was_offline_is_unconfirmed(admin_client, online,
+                                                                      sent, image):
+    job_id = restore(admin_client, image, "hostc").json()["id"]
+    Host.objects.filter(name="hostc").update(online=False)
+    assert admin_client.post(f"/api/v1/jobs/{job_id}/abort").status_code == 202
+    job = Job.objects.get(id=job_id)
+    assert job.state == "aborted" and job.result["unconfirmed"]
+    assert restore(admin_client, image, "hostb").json()["error"] == "outcome_unknown"
