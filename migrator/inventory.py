@@ -35,8 +35,7 @@ def connected(host, channel_name, hello):
     host.virt_extensions = list(hello.get("virt_extensions", host.virt_extensions))
     host.storage = list(hello.get("storage", host.storage))
     _apply_capacity(host, capacity)
-    host.save()
-    sync_guests(host, hello.get("guests", []))
+    _seen_with_guests(host, hello.get("guests", []))
     acks = [record_result(host, result) for result in hello.get("results", [])]
     _fail_lost_jobs(host, {j.get("job") for j in hello.get("jobs", [])}, set(acks))
     _in_doubt_reports(host, hello.get("in_doubt") or [])
@@ -66,8 +65,17 @@ def _apply_capacity(host, capacity):
 def heartbeat(host, message):
     host.last_seen = timezone.now()
     _apply_capacity(host, message.get("capacity", {}))
-    host.save(update_fields=["last_seen", "memory_mib", "used_mib", "reserved_mib", "disk_gib"])
-    sync_guests(host, message.get("guests", []))
+    _seen_with_guests(host, message.get("guests", []), update_fields=[
+        "last_seen", "memory_mib", "used_mib", "reserved_mib", "disk_gib"])
+
+
+@transaction.atomic
+def _seen_with_guests(host, guests, update_fields=None):
+    """The host's new last_seen and its guest list, together: a restore checks that a
+    host was seen after a job it gave up on (orchestrate), and must then find the
+    guests it reported."""
+    host.save(update_fields=update_fields)
+    sync_guests(host, guests)
 
 
 @transaction.atomic
