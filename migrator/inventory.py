@@ -16,6 +16,8 @@ from migrator import indoubt, progress
 from migrator.models import DomainIdRecord, Guest, Job, JobKind, JobState
 from portal import audit
 from portal.models import ActorKind, Outcome
+from vault import service as vault_service
+from vault.models import SavedImage
 
 log = logging.getLogger(__name__)
 HOST_FACTS = ("arch", "driver", "subnet")
@@ -240,9 +242,6 @@ def _discard_image_of_failed_save(host, job, message):
     """The agent says the save failed, yet its upload was stored: the portal's answer
     never reached the agent, so it put the guest back, and the guest runs on. The image
     is a copy its requester was never given, so it goes: a failed save leaves nothing."""
-    from vault import service
-    from vault.models import SavedImage
-
     image_id, error = job.image_id, str(message.get("error", ""))[:500]
     job.result = {**job.result, "discarded_image": str(image_id)}
     job.save(update_fields=["result"])
@@ -251,7 +250,7 @@ def _discard_image_of_failed_save(host, job, message):
     def discard():
         image = SavedImage.objects.filter(id=image_id).first()
         if image is not None:
-            service.delete(image, reason=reason)
+            vault_service.delete(image, reason=reason)
     transaction.on_commit(discard)
 
 

@@ -7,6 +7,7 @@ import functools
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import F, Q
 from django.utils import timezone
 
 from migrator import access, credentials, progress
@@ -186,12 +187,14 @@ def _no_unconfirmed_restore(request, target, image):
     """A restore the portal ended without its agent's word (the agent was away) may
     have booted the guest all the same. Until that host reports again - its hello lists
     its guests and late results - a restore elsewhere could start a second copy."""
-    unconfirmed = Job.objects.filter(kind=JobKind.RESTORE, guest_uuid=image.guest_uuid,
-                                     result__unconfirmed=True).select_related("destination_host")
-    for job in unconfirmed:
+    job = Job.objects.filter(
+        Q(destination_host__last_seen__isnull=True)
+        | Q(destination_host__last_seen__lte=F("finished_at")),
+        kind=JobKind.RESTORE, guest_uuid=image.guest_uuid, result__unconfirmed=True,
+        destination_host__isnull=False, destination_host__revoked_at__isnull=True,
+    ).select_related("destination_host").first()
+    if job is not None:
         host = job.destination_host
-        if host is None or host.revoked or (host.last_seen and host.last_seen > job.finished_at):
-            continue
         _refuse(request, "image.restore", target, 409, "outcome_unknown",
                 f"The last restore of guest {job.guest_name} on {host.name} ended while its "
                 f"agent was away, so the guest may be running there. Wait for {host.name} "
