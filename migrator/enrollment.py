@@ -1,6 +1,7 @@
 """Enrolling and revoking hosts: credential, certificate, and the agent's config bundle."""
 import json
 import os
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,6 +96,20 @@ def _write_bundle(spec, secret, issued, ca, portal_url) -> Path:
     path = directory / "agent.toml"
     _write_private(path, to_toml(config, spec.guests).encode())
     return path
+
+
+def set_portal_url(name, portal_url) -> bool:
+    """Point an existing bundle at ``portal_url`` (the demo serves where it is
+    told, and its agents send image bytes only to their bundle's URL).
+    Returns whether the file changed."""
+    path = bundle_dir(name) / "agent.toml"
+    data = tomllib.loads(path.read_text())
+    if data.get("portal", {}).get("url") == portal_url:
+        return False
+    data.setdefault("portal", {})["url"] = portal_url
+    guests = data.pop("guests", [])
+    _write_private(path, to_toml(data, guests).encode())
+    return True
 
 
 def to_toml(config: dict, guests: list) -> str:

@@ -108,7 +108,8 @@ def request_save(request, guest_uuid) -> Job:
     name = f"{guest.name} {timezone.now():%Y-%m-%d %H:%M:%S}"
     progress.send_to_host(host.name, {
         "type": "command", "job": str(job.id), "action": "save", "guest": str(guest.uuid),
-        "upload": {"url": f"{settings.PORTAL_URL}/api/v1/images/", "credential": secret,
+        # A path: the agent sends image bytes only to the portal it is enrolled with.
+        "upload": {"url": "api/v1/images/", "credential": secret,
                    "name": name}})
     progress.publish(job, "state")
     return job
@@ -149,7 +150,7 @@ def request_restore(request, image, host_name, idempotency_key="") -> Job:
         "image": {"id": str(image.id), "sha256": image.sha256,
                   "plaintext_size": image.plaintext_size, "guest_uuid": str(image.guest_uuid),
                   "memory_mib": image.memory_mib},
-        "download": {"url": f"{settings.PORTAL_URL}/api/v1/images/{image.id}/content",
+        "download": {"url": f"api/v1/images/{image.id}/content",
                      "credential": secret}})
     progress.publish(job, "state")
     return job

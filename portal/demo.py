@@ -83,10 +83,11 @@ def demo_guests(driver):
 
 
 def ensure_demo_hosts(portal_url):
-    """Enrol hostb and hostc once; return their agent config paths."""
+    """Enrol hostb and hostc once, their bundles pointing at ``portal_url``
+    (the address this demo serves); return their agent config paths."""
     import uuid
 
-    from migrator.enrollment import HostSpec, bundle_dir, enroll
+    from migrator.enrollment import HostSpec, bundle_dir, enroll, set_portal_url
     from migrator.models import Host
 
     driver = demo_driver()
@@ -104,5 +105,8 @@ def ensure_demo_hosts(portal_url):
             enroll(HostSpec(name=name, relocation_port=port, storage=[SHARED_STORAGE],
                             hosts_allow=allow, guests=guests, driver=driver),
                    portal_url=portal_url)
+        else:
+            # Set up earlier for another address: the agents must follow the portal.
+            set_portal_url(name, portal_url)
         paths.append(config)
     return paths

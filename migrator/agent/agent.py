@@ -490,7 +490,7 @@ class Agent:
                 raise BadCommand(f"unknown action {action!r}")
             job = cls(job_id, command, driver=self.driver, host=self.config.host,
                       emit=partial(self._event, job_id), ca=self.config.portal.ca,
-                      timeout=self._transfer_timeout)
+                      portal_url=self.config.portal.url, timeout=self._transfer_timeout)
             job.relocation = self.config.relocation
             job.revoked_serials = self.revoked_serials
             job.in_doubt = self.in_doubt

@@ -108,9 +108,11 @@ class Job:
     action = ""
 
     def __init__(self, job_id: str, command: dict[str, Any], *, driver: HypervisorDriver,
-                 host: HostConfig, emit: Emit, ca: str = "",
+                 host: HostConfig, emit: Emit, ca: str = "", portal_url: str = "",
                  timeout: float = transfer.DEFAULT_TIMEOUT):
         self.id = job_id
+        # Image bytes go only here (the bundle's portal URL): see `transfer.portal_target`.
+        self.portal_url = portal_url
         self.driver, self.host, self._emit = driver, host, emit
         self.ca, self.timeout = ca, timeout
         self.guest_uuid = ""  # the guest this job holds; set by subclasses
@@ -127,6 +129,12 @@ class Job:
 
     def execute(self) -> dict[str, Any]:
         raise NotImplementedError
+
+    def _portal_target(self, url: str, where: str) -> str:
+        try:
+            return transfer.portal_target(self.portal_url, url)
+        except transfer.TransferError as exc:
+            raise BadCommand(f"{where}.url: {exc}") from None
 
     def abort(self, reason: str | None = None) -> None:
         """Thread-safe; the job stops at its next piece (or its blocked
@@ -209,7 +217,7 @@ class SaveJob(Job):
     def parse(self, command: dict[str, Any]) -> None:
         self.guest_uuid = _uuid(command.get("guest"), "guest")
         upload = _table(command, "upload")
-        self.url = _text(upload, "url", "upload")
+        self.url = self._portal_target(_text(upload, "url", "upload"), "upload")
         self._credential = _text(upload, "credential", "upload")
         self.image_name = _text(upload, "name", "upload", required=False)
 
@@ -337,7 +345,7 @@ class RestoreJob(Job):
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise BadCommand(f"image.{key} must be a non-negative integer")
         download = _table(command, "download")
-        self.url = _text(download, "url", "download")
+        self.url = self._portal_target(_text(download, "url", "download"), "download")
         self._credential = _text(download, "credential", "download")
 
     def execute(self) -> dict[str, Any]:

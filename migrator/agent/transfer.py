@@ -81,6 +81,44 @@ def _shutdown(conn: http.client.HTTPConnection) -> None:
 
 
 # --------------------------------------------------------------------------
+def _origin(parts) -> tuple[str, str, int | None]:
+    default = 443 if parts.scheme == "https" else 80
+    return parts.scheme, (parts.hostname or "").lower(), parts.port or default
+
+
+def portal_target(portal_url: str, url: str) -> str:
+    """The absolute URL for a transfer the portal asked for, which must be on
+    the portal this agent is enrolled with (``portal_url``, from its bundle).
+
+    A command carries a path relative to that URL (``api/v1/images/``); an
+    absolute URL is accepted only with the same scheme, host and port, and
+    under the same path.  So image bytes never go to another address (a port
+    the portal does not own, say) nor over plain http when the portal is
+    https, whatever the command says.  Raises `TransferError`."""
+    base = urlsplit(portal_url)
+    if base.scheme not in ("http", "https") or not base.hostname:
+        raise TransferError("this agent has no enrolled portal URL to send image bytes to")
+    prefix = base.path.rstrip("/") + "/"
+    parts = urlsplit(url)
+    if not parts.scheme and not parts.netloc:
+        path = parts.path.lstrip("/")
+        if not path or any(seg in (".", "..") for seg in path.split("/")):
+            raise TransferError(f"not a path on the portal: {parts.path!r}")
+        query = f"?{parts.query}" if parts.query else ""
+        return f"{base.scheme}://{base.netloc}{prefix}{path}{query}"
+    try:
+        same = _origin(parts) == _origin(base)
+    except ValueError:  # a port that is not a number
+        same = False
+    if not same:
+        raise TransferError(f"{_where(url)} is not the enrolled portal "
+                            f"{base.scheme}://{base.netloc}: refused")
+    if not parts.path.startswith(prefix) or "/../" in parts.path + "/" \
+            or "/./" in parts.path + "/":
+        raise TransferError(f"{_where(url)} is not under the enrolled portal's URL: refused")
+    return url
+
+
 def connect(url: str, *, ca: str = "", timeout: float = DEFAULT_TIMEOUT,
             ) -> tuple[http.client.HTTPConnection, str]:
     """An (unopened) connection for ``url`` and the request target."""

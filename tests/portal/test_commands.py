@@ -51,3 +51,19 @@ def test_demo_setup_reuses_generated_passwords(db, settings, tmp_path, capsys):
     call_command("demo", "--setup-only")
     assert capsys.readouterr().out == first
     assert oct((tmp_path / "demo-credentials.json").stat().st_mode & 0o777) == "0o600"
+
+
+def test_demo_points_an_earlier_bundle_at_the_port_it_now_serves(db, settings, tmp_path):
+    import tomllib
+
+    settings.DATA_DIR = tmp_path
+    settings.PKI_DIR, settings.AGENTS_DIR = tmp_path / "pki", tmp_path / "agents"
+    call_command("demo", "--setup-only", "--port", "8000")
+    call_command("demo", "--setup-only", "--port", "18123")
+    for name in ("hostb", "hostc"):
+        bundle = tomllib.loads((tmp_path / "agents" / name / "agent.toml").read_text())
+        assert bundle["portal"]["url"] == "http://127.0.0.1:18123"
+        assert bundle["host"]["name"] == name  # the rest of the bundle kept
+    guests = tomllib.loads((tmp_path / "agents" / "hostb" / "agent.toml").read_text())["guests"]
+    assert [g["name"] for g in guests] == ["debian_etch", "ubuntu_fuwa_nfs_domu"]
+    assert oct((tmp_path / "agents" / "hostb" / "agent.toml").stat().st_mode & 0o777) == "0o600"

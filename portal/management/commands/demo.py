@@ -13,7 +13,8 @@ from portal.demo import credentials_path, ensure_demo_accounts, ensure_demo_host
 
 
 class Command(BaseCommand):
-    help = "Set up the demo (once) and serve Berth on http://127.0.0.1:8000 with two sim hosts."
+    help = ("Set up the demo (once) and serve Berth on http://HOST:PORT (127.0.0.1:8000) "
+            "with two sim hosts whose agents talk to that address.")
 
     def add_arguments(self, parser):
         parser.add_argument("--host", default="127.0.0.1")
@@ -28,7 +29,8 @@ class Command(BaseCommand):
         self.stdout.write(f"Demo accounts (stored in {credentials_path()}, mode 0600):")
         for username, password in credentials.items():
             self.stdout.write(f"  {username:8} {password}")
-        portal_url = f"http://{host}:{port}"
+        # The agents' bundles get this URL: they send image bytes only there.
+        portal_url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
         configs = ensure_demo_hosts(portal_url) if not no_agents else []
         if setup_only:
             return

@@ -1,10 +1,13 @@
 """A fake portal for agent tests: a WebSocket server for /ws/agent/ and a tiny
 threaded HTTP server for image upload and download, both on loopback, both
-stopped after each test.  Agents under test run in-process with a real sim
-driver and small guests."""
+stopped after each test.  With both, the image server is the portal's one
+address (it passes /ws/agent/ upgrades through to the WebSocket server), as an
+agent sends image bytes only to the portal URL it is enrolled with.  Agents
+under test run in-process with a real sim driver and small guests."""
 import asyncio
 import hashlib
 import json
+import socket
 import threading
 import time
 import uuid
@@ -37,6 +40,7 @@ class FakeWsPortal:
         self._server = None
         self._thread = None
         self.port = 0
+        self.front = None           # a FakeImages serving as this portal's one address
 
     # -- lifecycle --------------------------------------------------------
     def start(self, port=0):
@@ -65,7 +69,7 @@ class FakeWsPortal:
 
     @property
     def url(self):
-        return f"http://127.0.0.1:{self.port}"
+        return self.front.url if self.front is not None else f"http://127.0.0.1:{self.port}"
 
     # -- server side ------------------------------------------------------
     def _check(self, connection, request):
@@ -138,7 +142,8 @@ class FakeImages:
     little, then wait for ``release`` before going on as "ok").  A download in
     "stall" mode sends half the image, then waits for ``release``."""
 
-    def __init__(self):
+    def __init__(self, websocket=None):
+        self.websocket = websocket  # a FakeWsPortal to pass /ws/agent/ upgrades to
         self.mode = "ok"
         self.images = {}          # id -> bytes
         self.uploads = []         # (headers, body) of completed uploads
@@ -158,7 +163,10 @@ class FakeImages:
                 images._post(self)
 
             def do_GET(self):
-                images._get(self)
+                if images.websocket is not None and self.path == "/ws/agent/":
+                    images._pass_through(self)
+                else:
+                    images._get(self)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
@@ -217,6 +225,37 @@ class FakeImages:
             length -= len(piece)
         return b"".join(parts)
 
+    def _pass_through(self, h):
+        """Relay a WebSocket upgrade, then its bytes both ways, to the fake portal."""
+        h.close_connection = True
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.websocket.port), timeout=5)
+        except OSError:
+            return  # the fake portal is down: the agent sees its connection close
+        upstream.settimeout(None)
+        head = f"GET {h.path} HTTP/1.1\r\n" + "".join(
+            f"{k}: {v}\r\n" for k, v in h.headers.items()) + "\r\n"
+        upstream.sendall(head.encode("latin-1"))
+        client = h.connection
+
+        def pump(src, dst):
+            try:
+                while data := src.recv(65536):
+                    dst.sendall(data)
+            except OSError:
+                pass
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        back = threading.Thread(target=pump, args=(upstream, client), daemon=True)
+        back.start()
+        pump(client, upstream)
+        back.join(10)
+        upstream.close()
+
     def _get(self, h):
         if h.headers.get("Authorization") != f"Job {JOB_CREDENTIAL}":
             return self._answer(h, 403, {"error": "permission_denied",
@@ -271,9 +310,11 @@ def portal():
 
 
 @pytest.fixture
-def images():
-    fake = FakeImages()
+def images(portal):
+    fake = FakeImages(websocket=portal)
+    portal.front = fake
     yield fake
+    portal.front = None
     fake.stop()
 
 

@@ -19,6 +19,7 @@ from .conftest import (
     HOST_CREDENTIAL,
     IDLE,
     JOB_CREDENTIAL,
+    FakeImages,
     FakeWsPortal,
     agent_config,
     guest,
@@ -167,6 +168,38 @@ def test_refused_upload_resumes_the_guest_with_the_portals_reason(portal, images
     after = agent.driver.get(info.uuid)
     assert after.state is GuestState.RUNNING and after.active
     assert agent.driver.memory_digest(info.uuid) == before
+
+
+def test_an_upload_url_off_the_enrolled_portal_is_refused_and_nothing_sent(
+        portal, images, make_agent):
+    """A command naming another address (the portal's misconfigured URL, another
+    port on a shared machine) fails: no byte leaves, the guest keeps running."""
+    decoy = FakeImages()
+    try:
+        agent = make_agent(portal.url, guests=[guest("etch")])
+        info = only_guest(agent)
+        portal.hello()
+        command = save_command(info.uuid, images)
+        command["upload"]["url"] = f"{decoy.url}/api/v1/images/"
+        portal.send(command)
+        result = portal.result(command["job"])
+        assert result["state"] == "failed"
+        assert "not the enrolled portal" in result["error"]
+        assert decoy.uploads == [] and images.uploads == []
+        assert agent.driver.get(info.uuid).state is GuestState.RUNNING
+    finally:
+        decoy.stop()
+
+
+def test_a_relative_upload_url_goes_to_the_enrolled_portal(portal, images, make_agent):
+    agent = make_agent(portal.url, guests=[guest("etch")])
+    info = only_guest(agent)
+    portal.hello()
+    command = save_command(info.uuid, images)
+    command["upload"]["url"] = "api/v1/images/"
+    portal.send(command)
+    assert portal.result(command["job"])["state"] == "succeeded"
+    assert len(images.uploads) == 1
 
 
 def test_connection_drop_mid_upload_resumes_the_guest(portal, images, make_agent):

@@ -46,6 +46,13 @@ class Recorder(BaseHTTPRequestHandler):
         if self.behaviour == "hold":
             self.gate.wait(10)
             return
+        if self.behaviour == "redirect" and self.path == "/redirect":
+            self._body()
+            self.send_response(307)
+            self.send_header("Location", f"http://{self.headers['Host']}/followed")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         body = self._body()
         self.seen.append((dict(self.headers), body))
         self._json(201, {"id": "img-1", "sha256": hashlib.sha256(body).hexdigest()})
@@ -136,3 +143,41 @@ def test_connection_refused_is_a_transfer_error():
         transfer.download("http://127.0.0.1:9/x", headers={}, timeout=2)
     with pytest.raises(transfer.TransferError, match="not an http"):
         transfer.upload("ftp://x/y", [], headers={})
+
+
+@pytest.mark.parametrize(("portal", "url", "expected"), [
+    ("https://berth.example:8443", "api/v1/images/", "https://berth.example:8443/api/v1/images/"),
+    ("https://berth.example/prefix", "api/v1/images/x/content",
+     "https://berth.example/prefix/api/v1/images/x/content"),
+    ("http://127.0.0.1:9000", "/api/v1/images/", "http://127.0.0.1:9000/api/v1/images/"),
+    ("https://berth.example", "https://BERTH.example:443/api/v1/images/",
+     "https://BERTH.example:443/api/v1/images/"),
+])
+def test_transfer_urls_resolve_on_the_enrolled_portal(portal, url, expected):
+    assert transfer.portal_target(portal, url) == expected
+
+
+@pytest.mark.parametrize(("portal", "url"), [
+    ("http://127.0.0.1:9000", "http://127.0.0.1:8000/api/v1/images/"),    # another port
+    ("http://127.0.0.1:9000", "http://evil.example:9000/api/v1/images/"),  # another host
+    ("https://berth.example", "http://berth.example/api/v1/images/"),      # TLS stripped
+    ("https://berth.example", "http://berth.example:443/api/v1/images/"),
+    ("https://berth.example/prefix", "https://berth.example/other/api/v1/images/"),
+    ("https://berth.example/prefix", "https://berth.example/prefix/../x"),
+    ("https://berth.example", "../api/v1/images/"),
+    ("https://berth.example", "//evil.example/api/v1/images/"),
+    ("https://berth.example", "ftp://berth.example/api/v1/images/"),
+    ("", "api/v1/images/"),                                                 # no enrolled URL
+])
+def test_transfer_urls_off_the_enrolled_portal_are_refused(portal, url):
+    with pytest.raises(transfer.TransferError):
+        transfer.portal_target(portal, url)
+
+
+def test_a_redirect_is_not_followed_elsewhere(server):
+    """A 3xx (say, to plain http or another host) is an answer, not a new address."""
+    Recorder.behaviour = "redirect"
+    with pytest.raises(transfer.HttpError) as caught:
+        transfer.upload(f"{server}/redirect", [b"x" * 1000], headers={}, length=1000)
+    assert caught.value.status == 307
+    assert Recorder.seen == []  # nothing reached /followed
