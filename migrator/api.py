@@ -102,7 +102,9 @@ class ImageRestore(vault_access.AuditedImageView, APIView):
     @extend_schema(request=RestoreRequestSerializer, responses=STARTED,
                    parameters=[OpenApiParameter(
                        "Idempotency-Key", OpenApiTypes.STR, OpenApiParameter.HEADER,
-                       description="a retried request with the same key returns the same job")])
+                       description="a retried request with the same key (even concurrent retries) "
+                                   "returns the same job; the same key with another body "
+                                   "is 409 idempotency_key_reused")])
     def post(self, request, pk):
         body = RestoreRequestSerializer(data=request.data)
         body.is_valid(raise_exception=True)

@@ -171,6 +171,13 @@ class Job(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
+        constraints = [
+            # One job per key and user, whichever portal process gets there first:
+            # concurrent retries of one request meet here (Stripe's semantics).
+            models.UniqueConstraint(fields=["requester", "idempotency_key"],
+                                    condition=~models.Q(idempotency_key=""),
+                                    name="job_idempotency_key_once_per_user"),
+        ]
 
     def __str__(self):
         return f"{self.kind} {self.guest_name or self.guest_uuid} ({self.state})"

@@ -6,7 +6,7 @@ Plain functions; views, API and tests call them. Each raises OperationError
 import functools
 
 from django.conf import settings
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
@@ -115,6 +115,24 @@ def request_save(request, guest_uuid) -> Job:
     return job
 
 
+def _earlier_restore(request, target, image, host_name, idempotency_key):
+    """The job an earlier request with this Idempotency-Key made, if any: returned as
+    is when the request is the same (image and host), 409 when it is not - the key
+    names one request, whatever was sent with it later (Stripe's semantics)."""
+    earlier = Job.objects.filter(requester=request.user,
+                                 idempotency_key=idempotency_key).select_related(
+        "destination_host").first()
+    if earlier is None:
+        return None
+    same_host = earlier.destination_host is not None \
+        and earlier.destination_host.name == host_name
+    if earlier.kind != JobKind.RESTORE or earlier.image_id != image.id or not same_host:
+        _refuse(request, "image.restore", target, 409, "idempotency_key_reused",
+                "This Idempotency-Key was used for another request (another image, host "
+                "or operation); use a new key for a new request.")
+    return earlier
+
+
 @audits_refusals
 def request_restore(request, image, host_name, idempotency_key="") -> Job:
     # Permission first: a known key must not reveal an earlier job to a caller
@@ -123,26 +141,38 @@ def request_restore(request, image, host_name, idempotency_key="") -> Job:
         vault_access.require(request, "restore", image)  # audits the refusal and raises
     target = image.target
     if idempotency_key:
-        earlier = Job.objects.filter(requester=request.user, kind=JobKind.RESTORE,
-                                     idempotency_key=idempotency_key).first()
-        if earlier and earlier.image_id != image.id:
-            _refuse(request, "image.restore", target, 409, "idempotency_key_reused",
-                    "This Idempotency-Key was used for a restore of another image.")
+        earlier = _earlier_restore(request, target, image, host_name, idempotency_key)
         if earlier:
             return earlier
     host = _online_host(request, "image.restore", target,
                         Host.objects.filter(name=host_name).first())
     _check_fits(request, target, image, host)
-    with transaction.atomic():
-        _not_running_anywhere(request, target, image)
-        _no_unconfirmed_restore(request, target, image)
-        _not_busy(request, "image.restore", target, image.guest_uuid)
-        job = Job.objects.create(kind=JobKind.RESTORE, requester=request.user,
-                                 guest_uuid=image.guest_uuid, guest_name=image.guest_name,
-                                 destination_host=host, image=image,
-                                 total_bytes=image.plaintext_size,
-                                 idempotency_key=idempotency_key)
-        secret = credentials.issue_job_credential(job, JobCredential.DOWNLOAD, image.id)
+    try:
+        with transaction.atomic():
+            _not_running_anywhere(request, target, image)
+            if idempotency_key:
+                # A concurrent request with this key may have made the job while this
+                # one waited for the guest's lock: it is this request's job too.
+                earlier = _earlier_restore(request, target, image, host_name,
+                                           idempotency_key)
+                if earlier:
+                    return earlier
+            _no_unconfirmed_restore(request, target, image)
+            _not_busy(request, "image.restore", target, image.guest_uuid)
+            job = Job.objects.create(kind=JobKind.RESTORE, requester=request.user,
+                                     guest_uuid=image.guest_uuid,
+                                     guest_name=image.guest_name, destination_host=host,
+                                     image=image, total_bytes=image.plaintext_size,
+                                     idempotency_key=idempotency_key)
+            secret = credentials.issue_job_credential(job, JobCredential.DOWNLOAD, image.id)
+    except IntegrityError:
+        # The key's unique constraint: a concurrent request with it (for another
+        # guest, so under another lock) committed first.
+        earlier = idempotency_key and _earlier_restore(request, target, image, host_name,
+                                                       idempotency_key)
+        if not earlier:
+            raise
+        return earlier
     audit.record_request(request, "image.restore", target=target,
                          details={"job": str(job.id), "host": host.name})
     progress.send_to_host(host.name, {

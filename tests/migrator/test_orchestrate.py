@@ -1,11 +1,13 @@
 """The checks before a save or restore changes anything, through the API."""
+import threading
 from datetime import timedelta
 
 import pytest
+from django.db import connection
 from django.test import Client
 from django.utils import timezone
 
-from migrator import inventory
+from migrator import inventory, orchestrate
 from migrator.models import Host, Job
 from portal.accounts import issue_token
 from portal.models import AuditRecord
@@ -148,6 +150,65 @@ def test_an_idempotency_key_reused_for_another_image_is_409(admin_client, admin_
                                      HTTP_IDEMPOTENCY_KEY="abc-2")
     assert response.status_code == 409
     assert response.json()["error"] == "idempotency_key_reused" and len(sent) == 1
+
+
+def test_an_idempotency_key_reused_with_another_host_is_409_not_the_first_job(
+        admin_client, online, sent, image):
+    """Stripe's semantics: a key names one request; the same key with another body
+    is a client bug to report, not the first request's job returned silently."""
+    def post(host):
+        return admin_client.post(f"/api/v1/images/{image.id}/restore", {"host": host},
+                                 content_type="application/json",
+                                 HTTP_IDEMPOTENCY_KEY="abc-4")
+    assert post("hostc").status_code == 202
+    response = post("hostb")
+    assert response.status_code == 409, response.json()
+    assert response.json()["error"] == "idempotency_key_reused" and len(sent) == 1
+    assert AuditRecord.objects.filter(action="image.restore", outcome="failed").exists()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("hosts", [["hostc"] * 4, ["hostc", "hostb"]])
+def test_concurrent_restores_with_one_idempotency_key_get_one_job(admin_client, online, sent,
+                                                                   image, monkeypatch, hosts):
+    """Retries racing each other (a client that timed out and asked again, on another
+    connection): all past the key lookup before any creates the job - the barrier
+    makes sure - then each commits on its own connection. The same request gets the
+    same job, 202 each time; the same key with another host is 409."""
+    barrier = threading.Barrier(len(hosts), timeout=20)
+    check_fits = orchestrate._check_fits
+
+    def check_fits_together(*args):
+        check_fits(*args)
+        barrier.wait()
+
+    monkeypatch.setattr(orchestrate, "_check_fits", check_fits_together)
+    answers = [None] * len(hosts)
+
+    def restore(index, host):
+        client = Client()
+        client.cookies = admin_client.cookies  # the same verified session
+        try:
+            response = client.post(f"/api/v1/images/{image.id}/restore", {"host": host},
+                                   content_type="application/json",
+                                   HTTP_IDEMPOTENCY_KEY="retry-1")
+            answers[index] = (host, response.status_code, response.json())
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=restore, args=(i, h)) for i, h in enumerate(hosts)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert Job.objects.filter(idempotency_key="retry-1").count() == 1, answers
+    job = Job.objects.get(idempotency_key="retry-1")
+    for host, code, body in answers:
+        if host == job.destination_host.name:
+            assert (code, body["id"]) == (202, str(job.id)), body
+        else:
+            assert (code, body["error"]) == (409, "idempotency_key_reused"), body
+    assert len(sent) == 1  # one command to one agent
 
 
 def test_a_known_idempotency_key_does_not_pass_the_permission_check(admin_client, admin_user,
