@@ -9,7 +9,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from migrator import credentials, pki, progress
+from migrator import credentials, pki, progress, tls
 from migrator.models import Host
 from portal import audit
 
@@ -50,6 +50,11 @@ def enroll(spec: HostSpec, *, actor=None, portal_url=None) -> Path:
         pki.validate_host_name(spec.name)
     except (pki.PKIError, ValueError) as exc:
         raise EnrollmentError(str(exc)) from None
+    for pattern in spec.hosts_allow:
+        try:
+            tls.compile_pattern(pattern)
+        except ValueError as exc:  # the agent would refuse its bundle: refuse it here
+            raise EnrollmentError(f"--hosts-allow: {exc}") from None
     if Host.objects.filter(name=spec.name).exists():
         raise EnrollmentError(f"host {spec.name} is already enrolled")
     ca = certificate_authority()

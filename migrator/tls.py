@@ -152,6 +152,17 @@ def _peer_address(ssl_object: ssl.SSLSocket | ssl.SSLObject) -> str | None:
     return None
 
 
+def compile_pattern(pattern: str) -> re.Pattern[str]:
+    """One allow-list pattern, or ValueError in one line that names it: enrolment
+    and the agent's config refuse a bad one up front, not at the first migration."""
+    if not isinstance(pattern, str) or not pattern:
+        raise ValueError(f"{pattern!r} is not a pattern (an empty one would allow nobody)")
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"{pattern!r} is not a valid regular expression: {exc}") from None
+
+
 class AllowList:
     """Which authenticated peers may use the relocation channel.
 
@@ -176,10 +187,7 @@ class AllowList:
         if isinstance(patterns, str):
             raise TypeError("patterns is a list of regular expressions; use AllowList.parse()")
         self.patterns: tuple[str, ...] = tuple(patterns)
-        try:
-            self._compiled = tuple(re.compile(p) for p in self.patterns)
-        except re.error as exc:
-            raise ValueError(f"invalid relocation allow-list pattern: {exc}") from exc
+        self._compiled = tuple(compile_pattern(p) for p in self.patterns)
 
     @classmethod
     def parse(cls, value: str) -> AllowList:

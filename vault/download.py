@@ -21,6 +21,7 @@ from vault.models import SavedImage
 
 log = logging.getLogger(__name__)
 RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+MAX_DIGITS = 19  # 10**19 bytes is past any image (and PostgreSQL's bigint)
 
 
 def _error(status, code, detail):
@@ -38,6 +39,10 @@ def parse_range(header, size):
     first, last = match.groups()
     if first == "" and last == "":
         return None
+    if len(first) > MAX_DIGITS or len(last) > MAX_DIGITS:
+        # No image is 10**19 bytes; int() of thousands of digits is slow, and past
+        # Python's limit (4300) an error: a position that long is no real client's.
+        return "unsatisfiable"
     if first == "":
         length = int(last)
         if length == 0:

@@ -146,10 +146,23 @@ def _too_large():
                        f"Images are limited to {settings.VAULT_MAX_IMAGE_BYTES} bytes.")
 
 
+async def _refuse_empty(request):
+    # A 0-byte "image" is no guest's memory: a client bug (or a probe) that would
+    # otherwise sit in the vault as a record nobody can restore.
+    await sync_to_async(audit.record_request)(
+        request, "image.upload", target="vault", outcome=Outcome.FAILED,
+        details={"reason": "empty body"})
+    raise UploadError(400, "empty_image", "The image is empty: send its bytes. "
+                      "Nothing was stored.")
+
+
 async def _receive_into_vault(request, meta, body):
+    if meta["declared_size"] == 0:
+        await _refuse_empty(request)  # before the vault opens anything
     sink = await asyncio.to_thread(service.ImageSink)
     try:
-        await _pump(body, sink, meta["declared_size"])
+        if await _pump(body, sink, meta["declared_size"]) == 0:
+            await _refuse_empty(request)  # chunked, and nothing came
         try:
             stats = await asyncio.to_thread(sink.finish, meta.get("sha256"))
         except service.DigestMismatch as exc:
@@ -269,6 +282,7 @@ async def _pump(body, sink, declared):
     if declared is not None and received != declared:
         raise UploadError(400, "length_mismatch",
                           f"Body ended after {received} of {declared} bytes.")
+    return received
 
 
 async def _respond(send, status, payload):

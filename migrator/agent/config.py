@@ -25,6 +25,7 @@ from migrator.hypervisor.base import MAX_VCPUS, PAGES_PER_MIB
 from migrator.hypervisor.qemu_process import GUEST_KEYS as QEMU_GUEST_KEYS
 from migrator.hypervisor.qemu_process import check_config
 from migrator.hypervisor.workload import resolve_profile
+from migrator.tls import compile_pattern
 
 DRIVERS = ("sim", "qemu")
 HOST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -183,10 +184,19 @@ def _relocation(t: dict[str, Any]) -> RelocationConfig:
     return RelocationConfig(
         address=_str(t, "relocation.address", "address", default="127.0.0.1"),
         port=_int(t, "relocation.port", "port", low=1, high=65535, default=8002),
-        hosts_allow=_strs(t, "relocation.hosts_allow", "hosts_allow"),
+        hosts_allow=_patterns(_strs(t, "relocation.hosts_allow", "hosts_allow")),
         cert=_str(t, "relocation.cert", "cert", default=""),
         key=_str(t, "relocation.key", "key", default=""),
         ca=_str(t, "relocation.ca", "ca", default=""))
+
+
+def _patterns(patterns: tuple[str, ...]) -> tuple[str, ...]:
+    for pattern in patterns:
+        try:
+            compile_pattern(pattern)
+        except ValueError as exc:
+            raise ConfigError(f"relocation.hosts_allow: {exc}") from None
+    return patterns
 
 
 def _guest(t: dict[str, Any], where: str) -> GuestConfig:

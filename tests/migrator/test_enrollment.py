@@ -1,5 +1,9 @@
+import os
 import stat
+import subprocess
+import sys
 import tomllib
+from pathlib import Path
 
 import pytest
 from django.core.management import call_command
@@ -8,6 +12,8 @@ from django.core.management.base import CommandError
 from migrator import credentials, pki
 from migrator.models import Host
 from portal.models import AuditRecord
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_enroll_writes_a_private_bundle_with_a_certificate(portal_dirs, db, capsys):
@@ -24,6 +30,32 @@ def test_enroll_writes_a_private_bundle_with_a_certificate(portal_dirs, db, caps
     assert config["portal"]["credential"] not in host.credential_digest
     assert pki.host_identity((bundle / "cert.pem").read_bytes()) == "hostb"
     assert AuditRecord.objects.filter(action="host.enroll", target="host:hostb").exists()
+
+
+def test_hosts_allow_is_given_once_per_pattern_and_a_pattern_may_hold_a_comma(portal_dirs, db):
+    call_command("hosts", "enroll", "hostb", "--hosts-allow", "host[c-d]{1,2}",
+                 "--hosts-allow", r"10\.0\.0\.\d+")
+    config = tomllib.loads((portal_dirs / "agents" / "hostb" / "agent.toml").read_text())
+    assert config["relocation"]["hosts_allow"] == ["host[c-d]{1,2}", r"10\.0\.0\.\d+"]
+
+
+def test_an_invalid_hosts_allow_pattern_is_refused_in_one_line_and_nothing_made(tmp_path):
+    """In its own process, as an operator runs it: exit 1, one line, no host, no bundle."""
+    env = {**os.environ, "BERTH_DATA_DIR": str(tmp_path)}
+    env.pop("DJANGO_SETTINGS_MODULE", None)
+    run = [sys.executable, "manage.py"]
+    subprocess.run([*run, "migrate", "--noinput"], cwd=ROOT, env=env, check=True,
+                   capture_output=True, timeout=120)
+    done = subprocess.run([*run, "hosts", "enroll", "hostb", "--hosts-allow", "hostc",
+                           "--hosts-allow", "host(b"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr, done.stderr
+    assert "--hosts-allow: 'host(b' is not a valid regular expression" in done.stderr
+    assert not (tmp_path / "agents" / "hostb").exists()
+    listed = subprocess.run([*run, "hosts", "list"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert "hostb" not in listed.stdout
 
 
 def test_enrolling_twice_is_refused(portal_dirs, db):

@@ -53,6 +53,14 @@ def test_unsatisfiable_range_is_416(admin_client, image, data):
     assert response["Content-Range"] == f"bytes */{len(data)}"
 
 
+@pytest.mark.parametrize("header", [f"bytes={'9' * 5000}-", f"bytes=0-{'9' * 5000}",
+                                    f"bytes=-{'9' * 5000}", f"bytes={'1' * 20}-{'2' * 20}"])
+def test_a_range_with_thousands_of_digits_is_416_not_500(admin_client, image, data, header):
+    response = admin_client.get(f"/api/v1/images/{image.id}/content", HTTP_RANGE=header)
+    assert response.status_code == 416
+    assert response["Content-Range"] == f"bytes */{len(data)}"
+
+
 def test_tampered_chunk_ends_the_download_before_its_bytes_and_is_audited(
         admin_client, image, data):
     path = service.storage().root

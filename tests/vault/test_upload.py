@@ -206,9 +206,19 @@ async def test_token_without_write_scope_is_403(read_only_token):
     assert status == 403
 
 
-async def test_empty_image_is_stored(token):
+async def test_an_empty_upload_is_400_stores_nothing_and_is_audited(token):
     status, body = await post(headers_for(token, 0), [b""])
-    assert status == 201 and body["plaintext_size"] == 0
+    assert (status, body["error"]) == (400, "empty_image"), body
+    assert await sync_to_async(nothing_stored)()
+    assert await AuditRecord.objects.filter(action="image.upload", outcome="failed").aexists()
+
+
+async def test_an_empty_chunked_upload_is_400_and_stores_nothing(token):
+    headers = headers_for(token, 0)
+    del headers["Content-Length"]
+    status, body = await post(headers, [b""])
+    assert (status, body["error"]) == (400, "empty_image"), body
+    assert await sync_to_async(nothing_stored)()
 
 
 def browser_headers(client, size, csrf=True):

@@ -25,8 +25,10 @@ class Command(BaseCommand):
         add.add_argument("--disk-gib", type=int, default=100)
         add.add_argument("--subnet", default="192.168.1.0/24")
         add.add_argument("--storage", type=_csv, default=[], help="comma-separated mounts")
-        add.add_argument("--hosts-allow", type=_csv, default=[],
-                         help="regular expressions of peers allowed to migrate guests here")
+        # Once per pattern: a regular expression may hold a comma (host{1,3}).
+        add.add_argument("--hosts-allow", action="append", default=[], metavar="PATTERN",
+                         help="a regular expression of peers allowed to migrate guests "
+                              "here; repeat the option for each pattern")
         add.add_argument("--portal-url", help="URL agents use to reach the portal")
         rev = sub.add_parser("revoke", help="cut a host off: credential and certificate")
         rev.add_argument("name")

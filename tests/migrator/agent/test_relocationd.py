@@ -35,6 +35,32 @@ def test_bad_config_exits_non_zero_with_one_line(tmp_path):
     assert "host.state_dir: required key is missing" in err and "Traceback" not in err
 
 
+def test_an_invalid_hosts_allow_pattern_exits_non_zero_with_one_line(tmp_path):
+    config = tmp_path / "agent.toml"
+    config.write_text(f'''
+[host]
+name = "hostb"
+memory_mib = 64
+state_dir = "{tmp_path / 'state'}"
+[portal]
+url = "http://127.0.0.1:9"
+credential = "{HOST_CREDENTIAL}"
+[relocation]
+port = 8002
+hosts_allow = ["hostc", "host[bc"]
+''')
+    process = manage(tmp_path, "--config", str(config))
+    try:
+        _, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode != 0
+    assert err.strip().count("\n") == 0 and "Traceback" not in err, err
+    assert "relocation.hosts_allow: 'host[bc' is not a valid regular expression" in err
+
+
 def test_runs_until_sigterm(tmp_path, portal):
     config = tmp_path / "agent.toml"
     config.write_text(f'''
