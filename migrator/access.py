@@ -1,6 +1,7 @@
 """The migrator's one access-control helper: pages, API and consumers ask here.
 
-- admins operate (save, restore, migrate, abort) and see every job;
+- admins operate (save, restore, migrate, abort, resolve a migration in doubt,
+  settle a job whose outcome is unknown) and see every job;
 - auditors see every job, host and guest, and operate nothing;
 - anyone else sees only the jobs they requested (e.g. a restore they were granted);
 - a token request is further limited to its scopes.
@@ -10,7 +11,7 @@ from portal import roles
 
 OPERATE_SCOPES = {"save": "guests:save", "migrate": "guests:migrate",
                   "restore": "images:restore", "abort": "guests:save",
-                  "resolve": "guests:migrate"}
+                  "resolve": "guests:migrate", "settle": "guests:save"}
 
 
 def can_see_all(user) -> bool:
@@ -34,7 +35,8 @@ def can_view_job(user, job) -> bool:
 
 
 def can_operate(request, action) -> bool:
-    """Save, migrate, abort and resolve are admin actions; restore is checked per image."""
+    """Save, migrate, abort, resolve and settle are admin actions; restore is checked
+    per image."""
     if action != "restore" and not roles.acts_as_admin(request):
         return False
     return roles.token_allows(request, OPERATE_SCOPES[action])

@@ -17,6 +17,7 @@ from migrator.serializers import (
     MigrateRequestSerializer,
     ResolveRequestSerializer,
     RestoreRequestSerializer,
+    SettleRequestSerializer,
 )
 from vault import access as vault_access
 from vault.models import SavedImage
@@ -152,3 +153,17 @@ class JobResolve(APIView):
         body.is_valid(raise_exception=True)
         return job_response(run(indoubt.request_resolve, request, job,
                                 body.validated_data["keep"]), status.HTTP_202_ACCEPTED)
+
+
+class JobSettle(APIView):
+    """Settle a job whose outcome is unknown (its agent was away): succeeded or failed."""
+
+    @extend_schema(request=SettleRequestSerializer, responses=STARTED)
+    def post(self, request, pk):
+        job = get_object_or_404(access.visible_jobs(request), pk=pk)
+        body = SettleRequestSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        return job_response(run(orchestrate.request_settle, request, job,
+                                body.validated_data["state"],
+                                body.validated_data.get("reason", "")),
+                            status.HTTP_202_ACCEPTED)

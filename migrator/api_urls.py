@@ -14,4 +14,5 @@ urlpatterns = [
     path("jobs/<uuid:pk>", api.JobDetail.as_view(), name="api-job"),
     path("jobs/<uuid:pk>/abort", api.JobAbort.as_view(), name="api-job-abort"),
     path("jobs/<uuid:pk>/resolve", api.JobResolve.as_view(), name="api-job-resolve"),
+    path("jobs/<uuid:pk>/settle", api.JobSettle.as_view(), name="api-job-settle"),
 ]

@@ -63,7 +63,7 @@ class JobCredentialAuthentication(BaseAuthentication):
                       .filter(digest=digest(parts[1].decode("latin-1"))).first())
         if credential is None or credential.used_at or credential.expires_at < timezone.now():
             raise exceptions.AuthenticationFailed("Invalid, used or expired job credential.")
-        if credential.job.is_final or credential.job.requester is None:
+        if credential.job.transfers_closed or credential.job.requester is None:
             raise exceptions.AuthenticationFailed("The job this credential belongs to is over.")
         return credential.job.requester, credential
 

@@ -219,8 +219,14 @@ def record_result(host, message):
         return job_id
     state, error = message.get("state"), str(message.get("error", ""))[:2000]
     result = message.get("result") or {}
+    if job.state == JobState.UNKNOWN:
+        # The agent's word settles what the portal could not know (it was away).
+        job.result = {**job.result, **result, "settled": {
+            "state": state, "by": f"host:{host.name}", "at": timezone.now().isoformat()}}
+        result = job.result
     if state == JobState.SUCCEEDED:
         job.finish(result)
+        job.error = ""  # an unknown job's reason is no error once it succeeded
         _apply_outcome(host, job, result)
     elif state == JobState.ABORTED:
         job.abort(error or "aborted")
@@ -255,14 +261,12 @@ def _discard_image_of_failed_save(host, job, message):
 
 
 def _late_report(host, job, message):
-    """A result for a job the portal had already ended - it presumed the agent
-    gone (a long portal restart, a partition), or aborted it while its host was
-    offline.  Final stays final, but the job shows what the agent says really
-    happened, the audit trail records it, and a real success moves the guest's
-    row at once instead of at the next inventory."""
+    """A result for a job that had already ended - the portal failed it while its
+    agent was connected (a command it never started), or an admin settled it while
+    the agent was away. Final stays final, but the job shows what the agent says
+    really happened, the audit trail records it, and a real success moves the
+    guest's row at once instead of at the next inventory."""
     state = message.get("state")
-    if job.result.pop("unconfirmed", None):  # the agent has spoken: no longer a guess
-        job.save(update_fields=["result"])
     if state == job.state or "late_report" in job.result or state not in JobState.values:
         return  # the same outcome, re-sent; or one we already noted
     error = str(message.get("error", ""))[:2000]
@@ -303,11 +307,18 @@ def _audit_outcome(host, job):
 
 
 def _fail_lost_jobs(host, running_ids, acked_ids):
-    """Jobs we think run on this host that the agent no longer knows were lost."""
+    """Jobs we think run on this host that the agent no longer knows were lost; an
+    unknown job (given up while the agent was away) is settled by what it says now."""
     in_flight = Job.objects.filter(Q(source_host=host) | Q(destination_host=host),
-                                   state__in=(JobState.QUEUED, JobState.RUNNING))
+                                   state__in=(JobState.QUEUED, JobState.RUNNING,
+                                              JobState.UNKNOWN))
     for job in in_flight:
-        if str(job.id) in running_ids or str(job.id) in acked_ids:
+        if str(job.id) in acked_ids:
+            continue  # its result, just recorded, settled it
+        if job.state == JobState.UNKNOWN:
+            _settle_on_return(host, job, str(job.id) in running_ids)
+            continue
+        if str(job.id) in running_ids:
             continue
         if job.state == JobState.QUEUED and job.created_at > timezone.now() - timedelta(seconds=5):
             continue  # its command may be on its way to this very connection
@@ -319,6 +330,32 @@ def _fail_lost_jobs(host, running_ids, acked_ids):
             progress.publish(job, "final")
 
 
+def _settle_on_return(host, job, running):
+    """The host of an unknown job is back. Still running it: the job runs again (and
+    gets the abort an admin asked for meanwhile). Not knowing it: it did not happen -
+    the agent keeps every result until the portal acknowledges it."""
+    abort_requested = (job.result.get("unknown") or {}).get("abort_requested")
+    if running:
+        job.state, job.error = JobState.RUNNING, ""
+        job.save()
+        if abort_requested:
+            progress.send_to_host(host.name, {
+                "type": "command", "job": str(job.id), "action": "abort",
+                "reason": job.result["unknown"]["reason"]})
+        progress.publish(job, "state")
+        return
+    reason = (f"the agent on {host.name} came back and does not know this job: "
+              "it did not run there")
+    if job.kind == JobKind.SAVE and job.image_id:
+        reason += "; the image it had uploaded is whole and kept"
+    state = JobState.ABORTED if abort_requested else JobState.FAILED
+    if job.settle(state, reason, f"host:{host.name}"):
+        job.save()
+        audit.record("job.settled", actor=host_actor(host), target=f"job:{job.id}",
+                     outcome=Outcome.FAILED, details={"state": state, "reason": reason})
+        progress.publish(job, "final")
+
+
 def disconnected(host, channel_name):
     if host.channel_name == channel_name:
         host.online = False
@@ -326,9 +363,10 @@ def disconnected(host, channel_name):
 
 
 def expire_stale_jobs(now=None):
-    """Fail, with the reason, jobs whose agent has been gone longer than the timeout,
-    and jobs a connected agent never started (their command was lost, e.g. with the
-    portal process that held the agent's socket)."""
+    """Give up, with the reason, on jobs whose agent has been gone longer than the
+    timeout (their outcome is unknown until it reports again), and fail jobs a
+    connected agent never started (their command was lost, e.g. with the portal
+    process that held the agent's socket)."""
     now = now or timezone.now()
     expired = 0
     for job in Job.objects.filter(state__in=(JobState.QUEUED, JobState.RUNNING)).select_related(
@@ -354,7 +392,8 @@ def _stale_reason(job, now):
 
 @transaction.atomic
 def _expire(job_id, now):
-    """Fail one job, under its row lock: another process may be recording its result."""
+    """Fail or give up on one job, under its row lock: another process may be
+    recording its result."""
     job = Job.objects.select_for_update(of=("self",)).select_related(
         "source_host", "destination_host").filter(id=job_id).first()
     reason = _stale_reason(job, now) if job and not job.is_final else None
@@ -369,7 +408,7 @@ def _expire(job_id, now):
 
 
 def _announce_expiry(job):
-    progress.publish(job, "final")
+    progress.publish(job, "final" if job.is_final else "state")
     for host in {job.source_host, job.destination_host} - {None}:
         if host.online:  # a command that was only late must not run now
             progress.send_to_host(host.name, {

@@ -123,9 +123,15 @@ class JobState(models.TextChoices):
     # A migration whose source sent ACTIVATE and heard nothing back: both
     # copies are paused until the portal (migrator.indoubt) resolves it.
     IN_DOUBT = "in_doubt"
+    # The portal gave up waiting while the job's agent was away: the agent may
+    # have done it all the same. Not final: the agent's report when it is back,
+    # or an admin's settlement, makes it succeeded or failed (docs/architecture.md).
+    UNKNOWN = "unknown"
 
 
 FINAL_STATES = {JobState.SUCCEEDED, JobState.FAILED, JobState.ABORTED}
+# Outcomes an admin may settle an unknown job to.
+SETTLED_STATES = (JobState.SUCCEEDED, JobState.FAILED)
 
 
 class Job(models.Model):
@@ -195,6 +201,12 @@ class Job(models.Model):
         return self.state in FINAL_STATES
 
     @property
+    def transfers_closed(self):
+        """No image bytes move for this job any more: it is over, or the portal gave
+        up on it (unknown) - a save's late upload must not be stored for it."""
+        return self.is_final or self.state == JobState.UNKNOWN
+
+    @property
     def host(self):
         """The host whose agent runs this job."""
         return self.destination_host if self.kind == JobKind.RESTORE else self.source_host
@@ -237,12 +249,32 @@ class Job(models.Model):
         return self._move(JobState.FAILED, error=reason, finished_at=timezone.now())
 
     def give_up(self, reason, *, aborted=False):
-        """End the job on the portal's own presumption (its agent gone or unreachable).
-        The agent may have done it all the same: ``result["unconfirmed"]`` says so, and
-        stays until the agent's host reports again (see orchestrate)."""
-        if not (self.abort(reason) if aborted else self.fail(reason)):
+        """Stop waiting for the job's agent, which is away: the outcome is unknown
+        (it may have done the job all the same) until its host reports again or an
+        admin settles it. ``aborted``: an admin asked to abort it meanwhile - if the
+        agent turns out not to know the job, it ends aborted."""
+        if self.state == JobState.UNKNOWN or not self._move(JobState.UNKNOWN, error=reason):
             return False
-        self.result = {**self.result, "unconfirmed": True}
+        unknown = {"reason": reason, "since": timezone.now().isoformat()}
+        if aborted:
+            unknown["abort_requested"] = True
+        self.result = {**self.result, "unknown": unknown}
+        return True
+
+    def settle(self, state, reason, by):
+        """An unknown job's outcome, from its agent's word or an admin (``by``)."""
+        if self.state != JobState.UNKNOWN or state not in FINAL_STATES:
+            return False
+        self.result = {**self.result, "settled": {
+            "state": state, "by": by, "reason": reason, "at": timezone.now().isoformat()}}
+        if state == JobState.SUCCEEDED:
+            return self.finish(self.result) and self._clear_error()
+        if state == JobState.ABORTED:
+            return self.abort(reason)
+        return self.fail(reason)
+
+    def _clear_error(self):
+        self.error = ""
         return True
 
     def hold_in_doubt(self, reason):

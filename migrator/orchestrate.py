@@ -7,11 +7,18 @@ import functools
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import F, Q
 from django.utils import timezone
 
 from migrator import access, credentials, progress
-from migrator.models import Guest, Host, Job, JobCredential, JobKind, JobState
+from migrator.models import (
+    SETTLED_STATES,
+    Guest,
+    Host,
+    Job,
+    JobCredential,
+    JobKind,
+    JobState,
+)
 from portal import audit
 from portal.models import Outcome
 from vault import access as vault_access
@@ -157,7 +164,7 @@ def request_restore(request, image, host_name, idempotency_key="") -> Job:
                                            idempotency_key)
                 if earlier:
                     return earlier
-            _no_unconfirmed_restore(request, target, image)
+            _no_unknown_restore(request, target, image)
             _not_busy(request, "image.restore", target, image.guest_uuid)
             job = Job.objects.create(kind=JobKind.RESTORE, requester=request.user,
                                      guest_uuid=image.guest_uuid,
@@ -214,14 +221,13 @@ def _not_running_anywhere(request, target, image):
                 f"Guest {running.name} is already running on {running.host.name}.")
 
 
-def _no_unconfirmed_restore(request, target, image):
-    """A restore the portal ended without its agent's word (the agent was away) may
+def _no_unknown_restore(request, target, image):
+    """A restore the portal gave up on while its agent was away (state unknown) may
     have booted the guest all the same. Until that host reports again - its hello lists
-    its guests and late results - a restore elsewhere could start a second copy."""
+    its guests and late results, which settle the job - or an admin settles it, a
+    restore elsewhere could start a second copy."""
     job = Job.objects.filter(
-        Q(destination_host__last_seen__isnull=True)
-        | Q(destination_host__last_seen__lte=F("finished_at")),
-        kind=JobKind.RESTORE, guest_uuid=image.guest_uuid, result__unconfirmed=True,
+        kind=JobKind.RESTORE, guest_uuid=image.guest_uuid, state=JobState.UNKNOWN,
         destination_host__isnull=False, destination_host__revoked_at__isnull=True,
     ).select_related("destination_host").first()
     if job is not None:
@@ -229,7 +235,8 @@ def _no_unconfirmed_restore(request, target, image):
         _refuse(request, "image.restore", target, 409, "outcome_unknown",
                 f"The last restore of guest {job.guest_name} on {host.name} ended while its "
                 f"agent was away, so the guest may be running there. Wait for {host.name} "
-                "to report back, or revoke it if it is gone for good.")
+                "to report back, settle the job if you know its outcome, or revoke the host "
+                "if it is gone for good.")
 
 
 @audits_refusals
@@ -243,6 +250,10 @@ def request_abort(request, job) -> Job:
     if job.state == JobState.IN_DOUBT:
         raise OperationError(409, "in_doubt", "The migration is past its commit point and in "
                              "doubt: resolve it instead of aborting.")
+    if job.state == JobState.UNKNOWN:
+        raise OperationError(409, "outcome_unknown", "The portal does not know this job's "
+                             "outcome (its agent was away): wait for the host to report, "
+                             "or settle it.")
     audit.record_request(request, "job.abort", target=target)
     host = job.host
     if host is not None and host.online:
@@ -251,6 +262,34 @@ def request_abort(request, job) -> Job:
     elif job.give_up("aborted while its host was offline", aborted=True):
         job.save()
         progress.publish(job, "final")
+    return job
+
+
+@audits_refusals
+def request_settle(request, job, state, reason="") -> Job:
+    """An admin settles a job whose outcome is unknown (its agent was away and has not
+    reported): succeeded or failed, as the admin found it on the host."""
+    target = f"job:{job.id}"
+    if not access.can_operate(request, "settle"):
+        _refuse(request, "job.settle", target, 403, "permission_denied",
+                "Settling a job needs the admin role and a verified second factor.")
+    if state not in SETTLED_STATES:
+        raise OperationError(400, "invalid", "state must be 'succeeded' or 'failed'.")
+    reason = str(reason or "").strip()[:500] or f"settled {state} by an admin"
+    with transaction.atomic():
+        job = Job.objects.select_for_update(of=("self",)).get(id=job.id)
+        if job.state != JobState.UNKNOWN:
+            _refuse(request, "job.settle", target, 409, "not_unknown",
+                    f"The job is {job.state}: only a job whose outcome is unknown is settled.")
+        if state == JobState.SUCCEEDED and job.kind == JobKind.SAVE and not job.image_id:
+            _refuse(request, "job.settle", target, 409, "no_image",
+                    "No image was stored for this save, so it did not succeed.")
+        job.settle(state, reason, f"admin:{request.user.get_username()}")
+        job.save()
+    audit.record_request(request, "job.settle", target=target,
+                         details={"state": state, "reason": reason,
+                                  "guest": str(job.guest_uuid)})
+    progress.publish(job, "final")
     return job
 
 

@@ -67,6 +67,12 @@ class ResolveRequestSerializer(serializers.Serializer):
     keep = serializers.ChoiceField(choices=["source", "destination"])
 
 
+class SettleRequestSerializer(serializers.Serializer):
+    state = serializers.ChoiceField(choices=["succeeded", "failed"])
+    reason = serializers.CharField(required=False, allow_blank=True, max_length=500,
+                                   help_text="what the admin found on the host")
+
+
 class GuestRefSerializer(serializers.Serializer):
     uuid = serializers.UUIDField()
     name = serializers.CharField()
@@ -77,8 +83,10 @@ class JobSerializer(serializers.Serializer):
 
     id = serializers.UUIDField()
     kind = serializers.ChoiceField(choices=["save", "restore", "migrate"])
-    state = serializers.ChoiceField(choices=["queued", "running", "succeeded", "failed",
-                                             "aborted", "in_doubt"])
+    state = serializers.ChoiceField(
+        choices=["queued", "running", "succeeded", "failed", "aborted", "in_doubt", "unknown"],
+        help_text="unknown: the portal gave up while the agent was away; the agent's report "
+                  "or an admin's settlement makes it succeeded or failed (not final: wait on)")
     stage = serializers.CharField()
     done_bytes = serializers.IntegerField()
     total_bytes = serializers.IntegerField()

@@ -21,7 +21,7 @@ def link_saved_image(sender, image, request, **kwargs):
     # presumed gone) while the body was arriving. Stored now, the image would
     # belong to a failed save, and the guest, resumed by the agent, would run on.
     job = Job.objects.select_for_update(of=("self",)).get(id=credential.job_id)
-    if job.is_final:
+    if job.transfers_closed:
         raise StoreRefused(409, "job_over", f"The job this upload belongs to is {job.state}: "
                            f"{job.error or 'over'}. Nothing was stored.")
     job.image = image

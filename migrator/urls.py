@@ -7,6 +7,7 @@ urlpatterns = [
     path("<uuid:pk>/", views.job_detail, name="job"),
     path("<uuid:pk>/abort", views.job_abort, name="job-abort"),
     path("<uuid:pk>/resolve", views.job_resolve, name="job-resolve"),
+    path("<uuid:pk>/settle", views.job_settle, name="job-settle"),
     path("guests/<uuid:uuid>/", views.guest_detail, name="guest"),
     path("guests/<uuid:uuid>/save", views.guest_save, name="guest-save"),
     path("guests/<uuid:uuid>/migrate", views.guest_migrate, name="guest-migrate"),

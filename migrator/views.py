@@ -32,7 +32,8 @@ def job_detail(request, pk):
     job = get_object_or_404(access.visible_jobs(request), pk=pk)
     return render(request, "migrator/job.html", {
         "job": job, "can_abort": access.can_operate(request, "abort") and not job.is_final
-        and job.state != "in_doubt",
+        and job.state not in ("in_doubt", "unknown"),
+        "can_settle": access.can_operate(request, "settle") and job.state == "unknown",
         "can_resolve": access.can_operate(request, "resolve") and indoubt.is_open(job)})
 
 
@@ -108,4 +109,14 @@ def job_resolve(request, pk):
     job = get_object_or_404(access.visible_jobs(request), pk=pk)
     if _run(request, indoubt.request_resolve, job, request.POST.get("keep", "")):
         messages.success(request, "Resolution sent to both hosts.")
+    return redirect("job", pk=pk)
+
+
+@login_required
+@require_POST
+def job_settle(request, pk):
+    job = get_object_or_404(access.visible_jobs(request), pk=pk)
+    if _run(request, orchestrate.request_settle, job, request.POST.get("state", ""),
+            request.POST.get("reason", "")):
+        messages.success(request, "Job settled.")
     return redirect("job", pk=pk)

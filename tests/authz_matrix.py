@@ -83,6 +83,7 @@ OPERATIONS = {
     ("job", "GET"): Operation("/jobs/{job}/"),
     ("job-abort", "POST"): Operation("/jobs/{job}/abort"),
     ("job-resolve", "POST"): Operation("/jobs/{doubtful}/resolve", {"keep": "destination"}),
+    ("job-settle", "POST"): Operation("/jobs/{unknown}/settle", {"state": "failed"}),
     ("guest", "GET"): Operation("/jobs/guests/{guest}/"),
     ("guest-save", "POST"): Operation("/jobs/guests/{guest}/save"),
     ("guest-migrate", "GET"): Operation("/jobs/guests/{guest}/migrate"),
@@ -117,6 +118,7 @@ OPERATIONS = {
     ("api-job-abort", "POST"): api("/api/v1/jobs/{job}/abort"),
     ("api-job-resolve", "POST"): api("/api/v1/jobs/{doubtful}/resolve",
                                      {"keep": "destination"}),
+    ("api-job-settle", "POST"): api("/api/v1/jobs/{unknown}/settle", {"state": "failed"}),
     ("schema", "GET"): api("/api/schema/"),
     ("api-docs", "GET"): Operation("/api/docs/"),
     ("ws/agent/", "WS"): Operation("/ws/agent/", audit="agent-endpoint", transport="ws"),
@@ -154,6 +156,7 @@ jobs                   GET     in    200   200   200   200-  in    in    in    i
 job                    GET     in    200   200   200   404   in    in    in    in    in
 job-abort              POST    in    go    err   err   404   in    in    in    in    in
 job-resolve            POST    in    go    err   err   404   in    in    in    in    in
+job-settle             POST    in    go    err   err   404   in    in    in    in    in
 guest                  GET     in    200   200   200   403   in    in    in    in    in
 guest-save             POST    in    go    err   err   err   in    in    in    in    in
 guest-migrate          GET     in    200   200   200   403   in    in    in    in    in
@@ -182,6 +185,7 @@ api-jobs               GET     401   200   200   200   200-  401   401   401   2
 api-job                GET     401   200   200   200   404   401   401   401   404   404
 api-job-abort          POST    401   202   403   403   404   401   401   401   404   404
 api-job-resolve        POST    401   202   403   403   404   401   401   401   404   404
+api-job-settle         POST    401   202   403   403   404   401   401   401   404   404
 schema                 GET     401   200   200   200   200   401   401   401   200   200
 api-docs               GET     in    200   200   200   200   in    in    in    in    in
 ws/agent/              WS      rej   rej   rej   rej   rej   rej   rej   acc   rej   rej
@@ -189,8 +193,9 @@ ws/jobs/               WS      rej   acc   acc   acc   acc-  rej   rej   rej   r
 ws/jobs/<uuid:job_id>/ WS      rej   acc   acc   acc   rej   rej   rej   rej   rej   rej
 """
 
-# An admin's API tokens, one scope each. Aborting a job needs both jobs:read (to see
-# it) and guests:save, resolving one jobs:read and guests:migrate: no single scope may.
+# An admin's API tokens, one scope each. Aborting or settling a job needs both
+# jobs:read (to see it) and guests:save, resolving one jobs:read and guests:migrate:
+# no single scope may.
 SCOPES = """
 route                  method  i:r   i:w   i:dl  i:rs  i:del g:r   g:sv  g:mg  j:r   a:r
 dashboard              GET     in    in    in    in    in    in    in    in    in    in
@@ -218,6 +223,7 @@ jobs                   GET     in    in    in    in    in    in    in    in    i
 job                    GET     in    in    in    in    in    in    in    in    in    in
 job-abort              POST    in    in    in    in    in    in    in    in    in    in
 job-resolve            POST    in    in    in    in    in    in    in    in    in    in
+job-settle             POST    in    in    in    in    in    in    in    in    in    in
 guest                  GET     in    in    in    in    in    in    in    in    in    in
 guest-save             POST    in    in    in    in    in    in    in    in    in    in
 guest-migrate          GET     in    in    in    in    in    in    in    in    in    in
@@ -246,6 +252,7 @@ api-jobs               GET     200-  200-  200-  200-  200-  200-  200-  200-  2
 api-job                GET     404   404   404   404   404   404   404   404   200   404
 api-job-abort          POST    404   404   404   404   404   404   404   404   403   404
 api-job-resolve        POST    404   404   404   404   404   404   404   404   403   404
+api-job-settle         POST    404   404   404   404   404   404   404   404   403   404
 schema                 GET     200   200   200   200   200   200   200   200   200   200
 api-docs               GET     in    in    in    in    in    in    in    in    in    in
 ws/agent/              WS      rej   rej   rej   rej   rej   rej   rej   rej   rej   rej

@@ -5,9 +5,12 @@
   if (!root) return;
   var bar = document.querySelector("#job-progress > span");
   var best = 0;
+  // Final states only: "unknown" (the portal gave up while the agent was away) is
+  // not one - its agent's report or an admin settles it, and the page waits on.
   var FINAL = ["succeeded", "failed", "aborted"];
+  var served = document.getElementById("job-state").textContent.trim();
   // Served already finished, the page has its result links: reloading it would loop.
-  var servedFinal = FINAL.indexOf(document.getElementById("job-state").textContent.trim()) >= 0;
+  var servedFinal = FINAL.indexOf(served) >= 0;
   function mib(n) { return (n / 1048576).toFixed(1) + " MiB"; }
   function show(job) {
     if (job.id !== root.dataset.job) return;
@@ -61,7 +64,12 @@
       root.dataset.reloadedFor = resolution;
       setTimeout(function () { location.reload(); }, 800);
     }
-    if (FINAL.indexOf(job.state) >= 0 || job.state === "in_doubt") {
+    // Unknown, or settled from unknown: the server draws why and the settle form.
+    if ((job.state === "unknown") !== (served === "unknown") && !root.dataset.unknownReloaded) {
+      root.dataset.unknownReloaded = "1";
+      setTimeout(function () { location.reload(); }, 800);
+    }
+    if (FINAL.indexOf(job.state) >= 0 || job.state === "in_doubt" || job.state === "unknown") {
       var abort = document.getElementById("abort-form");
       if (abort) abort.hidden = true;
       if (job.state === "succeeded" && !servedFinal && !root.dataset.reloaded) {

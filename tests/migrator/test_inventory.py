@@ -155,7 +155,7 @@ def test_a_save_whose_agent_restarted_after_storing_its_image_keeps_it(saving):
     assert job.image_id == image.id and not image_gone(image)
 
 
-def test_a_job_whose_command_a_connected_agent_never_got_is_failed_not_unconfirmed(
+def test_a_job_whose_command_a_connected_agent_never_got_is_failed_not_unknown(
         enrolled, admin_user, settings):
     from datetime import timedelta
 
@@ -170,4 +170,4 @@ def test_a_job_whose_command_a_connected_agent_never_got_is_failed_not_unconfirm
     assert inventory.expire_stale_jobs() == 1
     job.refresh_from_db()
     assert job.state == JobState.FAILED and "did not start" in job.error
-    assert "unconfirmed" not in job.result  # the agent is there: it gets the abort
+    assert "unknown" not in job.result  # the agent is there: it gets the abort

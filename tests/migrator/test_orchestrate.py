@@ -8,7 +8,7 @@ from django.test import Client
 from django.utils import timezone
 
 from migrator import inventory, orchestrate
-from migrator.models import Host, Job
+from migrator.models import Guest, Host, Job
 from portal.accounts import issue_token
 from portal.models import AuditRecord
 from tests.migrator.conftest import GUEST, hello
@@ -271,8 +271,8 @@ def restore(client, image, host):
 
 @pytest.fixture
 def restore_given_up(admin_client, online, sent, image, settings):
-    """A restore onto hostc that the portal failed because hostc's agent went away (the
-    agent may have booted the guest all the same); hostb is still online."""
+    """A restore onto hostc that the portal gave up on because hostc's agent went away
+    (the agent may have booted the guest all the same); hostb is still online."""
     job = Job.objects.get(id=restore(admin_client, image, "hostc").json()["id"])
     job.start()
     job.save()
@@ -282,26 +282,61 @@ def restore_given_up(admin_client, online, sent, image, settings):
     return Job.objects.get(id=job.id)
 
 
-def test_a_restore_given_up_on_blocks_another_until_its_host_reports(admin_client, online,
-                                                                      image, restore_given_up):
-    assert restore_given_up.state == "failed" and restore_given_up.result["unconfirmed"]
-    page = admin_client.get(f"/jobs/{restore_given_up.id}/").content.decode()
-    assert "without word from the agent on hostc" in page and "cannot be restored" in page
+def test_a_restore_given_up_on_is_unknown_and_blocks_another_until_its_host_reports(
+        admin_client, online, image, restore_given_up):
+    job = restore_given_up
+    assert job.state == "unknown" and not job.is_final and job.finished_at is None
+    assert "went away" in job.result["unknown"]["reason"] and "went away" in job.error
+    page = admin_client.get(f"/jobs/{job.id}/").content.decode()
+    assert "The outcome of this job is unknown" in page and "cannot be restored" in page
+    assert 'id="settle-form"' in page and 'id="abort-form"' not in page
+    api = admin_client.get(f"/api/v1/jobs/{job.id}").json()
+    assert api["state"] == "unknown" and api["result"]["unknown"]["reason"]
     response = restore(admin_client, image, "hostb")
     assert response.status_code == 409 and response.json()["error"] == "outcome_unknown"
     assert "hostc" in response.json()["detail"]
     assert AuditRecord.objects.filter(action="image.restore", outcome="failed").exists()
-    # hostc comes back without the guest: it never booted there, so a restore may go on.
+    # hostc comes back without the guest or the job: it never ran there.
     inventory.connected(Host.objects.get(name="hostc"), "chan-hostc-2", hello("hostc", []))
+    job.refresh_from_db()
+    assert job.state == "failed" and "does not know this job" in job.error
+    assert job.result["settled"]["by"] == "host:hostc"
     assert restore(admin_client, image, "hostb").status_code == 202
 
 
-def test_a_late_report_settles_a_restore_given_up_on(admin_client, online, image,
-                                                     restore_given_up):
+def test_a_late_success_settles_an_unknown_restore_to_succeeded(admin_client, online, image,
+                                                                restore_given_up):
+    guest = {**GUEST, "uuid": IMAGE_META["guest_uuid"], "name": "etch", "domain_id": 9}
+    assert inventory.record_result(Host.objects.get(name="hostc"), {
+        "job": str(restore_given_up.id), "state": "succeeded",
+        "result": {"guest": guest}}) == str(restore_given_up.id)
+    job = Job.objects.get(id=restore_given_up.id)
+    assert job.state == "succeeded" and job.error == "" and job.finished_at is not None
+    assert job.result["settled"] == {**job.result["settled"], "state": "succeeded",
+                                     "by": "host:hostc"}
+    assert "late_report" not in job.result  # not late: the job was waiting for it
+    assert Guest.objects.get(uuid=IMAGE_META["guest_uuid"]).host.name == "hostc"
+    assert AuditRecord.objects.filter(action="image.restore.succeeded").exists()
+    # The guest runs on hostc now: restoring it elsewhere is refused for that reason.
+    assert restore(admin_client, image, "hostb").json()["error"] == "guest_running"
+
+
+def test_a_late_failure_settles_an_unknown_restore_to_failed(admin_client, online, image,
+                                                             restore_given_up):
     inventory.record_result(Host.objects.get(name="hostc"), {
         "job": str(restore_given_up.id), "state": "failed", "error": "no such image"})
-    assert "unconfirmed" not in Job.objects.get(id=restore_given_up.id).result
+    job = Job.objects.get(id=restore_given_up.id)
+    assert job.state == "failed" and job.error == "no such image"
     assert restore(admin_client, image, "hostb").status_code == 202
+
+
+def test_an_unknown_job_whose_agent_still_runs_it_runs_again(admin_client, online, image,
+                                                             restore_given_up):
+    inventory.connected(Host.objects.get(name="hostc"), "chan-hostc-2",
+                        {**hello("hostc", []), "jobs": [{"job": str(restore_given_up.id)}]})
+    job = Job.objects.get(id=restore_given_up.id)
+    assert job.state == "running" and job.error == ""
+    assert restore(admin_client, image, "hostb").json()["error"] == "guest_busy"
 
 
 def test_revoking_a_host_gone_for_good_lets_the_guest_be_restored(admin_client, online, image,
@@ -310,11 +345,74 @@ def test_revoking_a_host_gone_for_good_lets_the_guest_be_restored(admin_client, 
     assert restore(admin_client, image, "hostb").status_code == 202
 
 
-def test_a_restore_aborted_while_its_host_was_offline_is_unconfirmed(admin_client, online,
-                                                                      sent, image):
+def test_a_restore_aborted_while_its_host_was_offline_is_unknown_then_aborted(
+        admin_client, online, sent, image):
     job_id = restore(admin_client, image, "hostc").json()["id"]
     Host.objects.filter(name="hostc").update(online=False)
     assert admin_client.post(f"/api/v1/jobs/{job_id}/abort").status_code == 202
     job = Job.objects.get(id=job_id)
-    assert job.state == "aborted" and job.result["unconfirmed"]
+    assert job.state == "unknown" and job.result["unknown"]["abort_requested"]
     assert restore(admin_client, image, "hostb").json()["error"] == "outcome_unknown"
+    again = admin_client.post(f"/api/v1/jobs/{job_id}/abort")
+    assert again.status_code == 409 and again.json()["error"] == "outcome_unknown"
+    inventory.connected(Host.objects.get(name="hostc"), "chan-hostc-2", hello("hostc", []))
+    assert Job.objects.get(id=job_id).state == "aborted"
+
+
+def settle(client, job, state, reason="looked on hostc"):
+    return client.post(f"/api/v1/jobs/{job.id}/settle", {"state": state, "reason": reason},
+                       content_type="application/json")
+
+
+def test_an_admin_settles_an_unknown_job_and_it_is_audited(admin_client, image,
+                                                           restore_given_up):
+    response = settle(admin_client, restore_given_up, "failed", "hostc was wiped")
+    assert response.status_code == 202, response.json()
+    body = response.json()
+    assert body["state"] == "failed" and body["error"] == "hostc was wiped"
+    assert body["result"]["settled"]["by"] == "admin:alice"
+    record = AuditRecord.objects.get(action="job.settle")
+    assert record.outcome == "allowed" and record.details["state"] == "failed"
+    assert restore(admin_client, image, "hostb").status_code == 202
+    # Settled is final: settling again, or a late report, does not change it.
+    again = settle(admin_client, restore_given_up, "succeeded")
+    assert again.status_code == 409 and again.json()["error"] == "not_unknown"
+    inventory.record_result(Host.objects.get(name="hostc"), {
+        "job": str(restore_given_up.id), "state": "succeeded", "result": {}})
+    job = Job.objects.get(id=restore_given_up.id)
+    assert job.state == "failed" and job.result["late_report"]["state"] == "succeeded"
+
+
+def test_settling_is_for_admins_only_and_refusals_are_audited(auditor_client, admin_user,
+                                                               restore_given_up):
+    response = settle(auditor_client, restore_given_up, "succeeded")
+    assert response.status_code == 403
+    assert Job.objects.get(id=restore_given_up.id).state == "unknown"
+    assert AuditRecord.objects.filter(action="job.settle", outcome="denied").exists()
+    _, secret = issue_token(admin_user, ["jobs:read"], days=1)
+    response = Client(HTTP_AUTHORIZATION=f"Token {secret}").post(
+        f"/api/v1/jobs/{restore_given_up.id}/settle", {"state": "succeeded"},
+        content_type="application/json")
+    assert response.status_code == 403
+
+
+def test_settling_checks_the_state_asked_and_a_save_without_image(admin_client, online, sent):
+    job_id = admin_client.post(f"/api/v1/guests/{GUEST['uuid']}/save").json()["id"]
+    job = Job.objects.get(id=job_id)
+    assert settle(admin_client, job, "succeeded").json()["error"] == "not_unknown"
+    job.give_up("the agent on hostb went away")
+    job.save()
+    assert settle(admin_client, job, "maybe").status_code == 400
+    refused = settle(admin_client, job, "succeeded")
+    assert refused.status_code == 409 and refused.json()["error"] == "no_image"
+    assert settle(admin_client, job, "failed").json()["state"] == "failed"
+
+
+def test_the_job_page_settles_an_unknown_job(admin_client, restore_given_up):
+    response = admin_client.post(f"/jobs/{restore_given_up.id}/settle",
+                                 {"state": "succeeded", "reason": "it runs on hostc"})
+    assert response.status_code == 302
+    job = Job.objects.get(id=restore_given_up.id)
+    assert job.state == "succeeded" and job.result["settled"]["reason"] == "it runs on hostc"
+    page = admin_client.get(f"/jobs/{job.id}/").content.decode()
+    assert "settled <strong>succeeded</strong> by admin:alice" in page

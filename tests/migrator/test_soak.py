@@ -234,5 +234,6 @@ def reported_succeeded(job):
 
 
 def agent_lost_after_storing(job):
-    return "image it had uploaded is whole and kept" in job["error"] or (
-        job["result"].get("unconfirmed") and "late_report" not in job["result"])
+    # Unknown: the portal gave up while the agent was away; the image stays until
+    # the agent's report (or an admin) settles the job.
+    return "image it had uploaded is whole and kept" in job["error"] or job["state"] == "unknown"

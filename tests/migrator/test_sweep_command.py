@@ -1,4 +1,4 @@
-"""manage.py sweep: the timer's way to fail jobs whose agent went away."""
+"""manage.py sweep: the timer's way to give up on jobs whose agent went away."""
 from datetime import timedelta
 
 import pytest
@@ -22,19 +22,21 @@ def jobs(enrolled, admin_user):
     return made
 
 
-def test_sweep_fails_only_the_jobs_of_an_agent_gone_past_the_timeout(jobs, settings, capsys):
+def test_sweep_makes_only_the_jobs_of_an_agent_gone_past_the_timeout_unknown(jobs, settings,
+                                                                           capsys):
     settings.JOB_AGENT_TIMEOUT_SECONDS = 60
     call_command("sweep")
-    assert "1 stale job(s) failed" in capsys.readouterr().out
+    assert "1 stale job(s) given up on" in capsys.readouterr().out
     gone, alive = (Job.objects.get(id=jobs[name].id) for name in ("hostb", "hostc"))
-    assert gone.state == JobState.FAILED and "went away" in gone.error
+    assert gone.state == JobState.UNKNOWN and "went away" in gone.error
+    assert "went away" in gone.result["unknown"]["reason"]
     assert alive.state == JobState.QUEUED
 
 
 def test_sweep_leaves_a_job_whose_agent_is_within_the_timeout(jobs, settings, capsys):
     settings.JOB_AGENT_TIMEOUT_SECONDS = 600
     call_command("sweep")
-    assert "0 stale job(s) failed" in capsys.readouterr().out
+    assert "0 stale job(s) given up on" in capsys.readouterr().out
     assert Job.objects.get(id=jobs["hostb"].id).state == JobState.QUEUED
 
 
@@ -48,7 +50,7 @@ def test_sweep_fails_a_job_a_connected_agent_never_started(jobs, settings, capsy
     Job.objects.filter(id=lost.id).update(created_at=timezone.now() - timedelta(minutes=1))
     with django_capture_on_commit_callbacks(execute=True):
         call_command("sweep")
-    assert "1 stale job(s) failed" in capsys.readouterr().out
+    assert "1 stale job(s) given up on" in capsys.readouterr().out
     lost.refresh_from_db()
     assert lost.state == JobState.FAILED and "did not start the job within 30 s" in lost.error
     # A command that was only late must not run now; the agent will say why it stopped.

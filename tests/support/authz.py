@@ -46,8 +46,9 @@ class World:
 
     Two online hosts; ``guest`` runs on hostb; ``image`` is another guest's saved image
     that fits hostc (so an allowed restore starts a job); ``job`` is a running save of a
-    third guest on hostb; ``doubtful`` a migration in doubt; ``token`` is the owner's API
-    token prefix.
+    third guest on hostb; ``doubtful`` a migration in doubt; ``unknown`` a restore the
+    portal gave up on while hostc's agent was away; ``token`` is the owner's API token
+    prefix.
     """
 
     @cached_property
@@ -104,6 +105,17 @@ class World:
             resolution={"state": "undecided", "answers": {"source": {"holds": "paused"},
                                                           "destination": {"holds": "paused"}}},
         ).id)
+
+    @cached_property
+    def unknown(self):
+        """A restore onto hostc whose outcome is unknown: an admin may settle it."""
+        job = Job.objects.create(
+            kind=JobKind.RESTORE, state=JobState.RUNNING, requester=self.owner,
+            guest_uuid=uuid.uuid4(), guest_name="wheezy",
+            destination_host=Host.objects.get(name=self.hostc))
+        job.give_up("the agent on hostc went away")
+        job.save()
+        return str(job.id)
 
     @cached_property
     def token(self):

@@ -1,4 +1,5 @@
-"""manage.py sweep: fail the jobs whose agent went away, on a clock.
+"""manage.py sweep: give up on the jobs whose agent went away (their outcome is
+unknown until it reports), and fail those whose command was lost, on a clock.
 
 Each portal process already does this lazily (on job pages, the jobs API and agent
 heartbeats); with several portal processes and quiet hours a timer makes it prompt.
@@ -9,9 +10,11 @@ from migrator.inventory import expire_stale_jobs
 
 
 class Command(BaseCommand):
-    help = ("Fail queued or running jobs whose agent has been gone longer than "
-            "BERTH_JOB_AGENT_TIMEOUT_SECONDS (run it from a timer).")
+    help = ("Mark queued or running jobs whose agent has been gone longer than "
+            "BERTH_JOB_AGENT_TIMEOUT_SECONDS unknown, fail those never started (run it "
+            "from a timer).")
 
     def handle(self, *args, **options):
         expired = expire_stale_jobs()
-        self.stdout.write(f"{expired} stale job(s) failed")
+        self.stdout.write(f"{expired} stale job(s) given up on (failed, or unknown while "
+                          "their agent is away)")
