@@ -39,7 +39,9 @@ def connected(host, channel_name, hello):
     _apply_capacity(host, capacity)
     _seen_with_guests(host, hello.get("guests", []))
     acks = [record_result(host, result) for result in hello.get("results", [])]
-    _fail_lost_jobs(host, {j.get("job") for j in hello.get("jobs", [])}, set(acks))
+    # A migration the agent holds in doubt is alive too: the resolution ends it.
+    held = {r.get("job") for r in hello.get("in_doubt") or [] if isinstance(r, dict)}
+    _fail_lost_jobs(host, {j.get("job") for j in hello.get("jobs", [])} | held, set(acks))
     _in_doubt_reports(host, hello.get("in_doubt") or [])
     return [a for a in acks if a]
 
@@ -336,7 +338,7 @@ def _settle_on_return(host, job, running):
     the agent keeps every result until the portal acknowledges it."""
     abort_requested = (job.result.get("unknown") or {}).get("abort_requested")
     if running:
-        job.state, job.error = JobState.RUNNING, ""
+        job.start()
         job.save()
         if abort_requested:
             progress.send_to_host(host.name, {

@@ -228,7 +228,10 @@ class Job(models.Model):
         return True
 
     def start(self):
-        return self._move(JobState.RUNNING, started_at=self.started_at or timezone.now())
+        # Back from unknown (its agent is working on it after all): no longer an error.
+        error = "" if self.state == JobState.UNKNOWN else self.error
+        return self._move(JobState.RUNNING, started_at=self.started_at or timezone.now(),
+                          error=error)
 
     def enter_stage(self, stage):
         if self.is_final or stage == self.stage:
