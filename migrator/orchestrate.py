@@ -172,9 +172,10 @@ def request_restore(request, image, host_name, idempotency_key="") -> Job:
                                      image=image, total_bytes=image.plaintext_size,
                                      idempotency_key=idempotency_key)
             secret = credentials.issue_job_credential(job, JobCredential.DOWNLOAD, image.id)
-    except IntegrityError:
-        # The key's unique constraint: a concurrent request with it (for another
-        # guest, so under another lock) committed first.
+    except (IntegrityError, OperationError):
+        # A concurrent request with this key committed its job after this one looked:
+        # its INSERT hit the key's unique constraint, or a check saw that job (the
+        # guest busy). That job is this request's answer; otherwise the error stands.
         earlier = idempotency_key and _earlier_restore(request, target, image, host_name,
                                                        idempotency_key)
         if not earlier:
