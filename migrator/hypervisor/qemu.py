@@ -21,6 +21,9 @@ QEMU does itself left to QEMU:
   ``migrator.relocation.qemu_tls``.  The page-level methods of the interface
   that the simulated engine uses (dirty log, page writes, vCPU blobs,
   throttle) are refused: QEMU migrates memory itself.
+* **Console**: every guest's serial port (ttyS0) is a socket the driver
+  reads into a bounded ring per guest that survives an agent restart
+  (`console`); `console_output` and `console_write` serve it.
 * **Memory reads** (`memory_digest`, `read_memory`): QMP ``pmemsave`` into a
   FIFO read by the agent; never a file on disk.
 
@@ -68,6 +71,7 @@ from .base import (
     check_shape,
     norm_uuid,
 )
+from .console import RING_FILE, SOCKET, ConsoleOutput, ConsoleReader, ConsoleRing
 from .qmp import QMP, QMPError, QMPGone
 from .savestream import MalformedStream, SaveStreamError, TruncatedStream
 
@@ -99,6 +103,15 @@ class _Guest:
         self.state = GuestState(meta.get("state", "running"))
         self.pid: int | None = meta.get("pid")
         self.lock = threading.RLock()
+        self.console: ConsoleReader | None = None
+
+    def open_console(self) -> None:
+        self.console = ConsoleReader(str(self.dir / SOCKET), ConsoleRing(self.dir / RING_FILE),
+                                     self.name)
+
+    def close_console(self) -> None:
+        if self.console is not None:
+            self.console.stop()
 
     @property
     def qmp_path(self) -> str:
@@ -162,6 +175,7 @@ class QemuDriver(HypervisorDriver):
                 guest.state = GuestState.PAUSED  # the job that held it is gone
                 guest.save()
             self._acct.guests[guest.uuid] = guest
+            guest.open_console()
             log.info("re-attached to guest %s (%s), QEMU pid %s", guest.name, guest.uuid, pid)
 
     # -- host ---------------------------------------------------------------------
@@ -214,6 +228,7 @@ class QemuDriver(HypervisorDriver):
         with self._acct.lock:
             self._acct.drop(res.id)
             self._acct.guests[guest.uuid] = guest
+        guest.open_console()
         log.info("started QEMU for guest %s (%s), domain %d, pid %s", name, res.uuid,
                  guest.domid, guest.pid)
         return guest
@@ -238,6 +253,7 @@ class QemuDriver(HypervisorDriver):
             return
         log.warning("guest %s (%s) is gone from %s: %s", guest.name, guest.uuid,
                     self._host.name, why)
+        guest.close_console()
         proc.kill(guest.pid, guest.uuid)
         proc.remove_dir(guest.dir)
 
@@ -317,11 +333,15 @@ class QemuDriver(HypervisorDriver):
             while proc.alive(guest.pid) and time.monotonic() < deadline:
                 time.sleep(0.02)
             self._acct.remove(guest)
+            guest.close_console()
             proc.kill(guest.pid, guest.uuid)
             proc.remove_dir(guest.dir)
 
     def close(self) -> None:
-        """Nothing to release: QEMU processes outlive the driver on purpose."""
+        """Disconnect from the guests' consoles; QEMU processes outlive the
+        driver on purpose."""
+        for guest in list(self._acct.guests.values()):
+            guest.close_console()
 
     def shutdown_all(self) -> None:
         """Destroy every guest (tests, and an operator emptying a host)."""
@@ -466,8 +486,25 @@ class QemuDriver(HypervisorDriver):
 
     def _discard(self, guest: _Guest) -> None:
         self._acct.remove(guest)
+        guest.close_console()
         proc.kill(guest.pid, guest.uuid)
         proc.remove_dir(guest.dir)
+
+    # -- console ------------------------------------------------------------------
+    def console_output(self, uuid: str, since: int = 0) -> ConsoleOutput:
+        """The guest's serial output from offset ``since`` on, as far as the
+        ring (`console.RING_BYTES`) still holds it."""
+        guest = self._guest(uuid)
+        if guest.console is None:
+            raise GuestNotFound(f"guest {guest.name} has no console")
+        return guest.console.ring.read(since)
+
+    def console_write(self, uuid: str, data: bytes) -> None:
+        """Input for the guest's serial port."""
+        guest = self._guest(uuid)
+        if guest.console is None:
+            raise GuestNotFound(f"guest {guest.name} has no console")
+        guest.console.write(data)
 
     # -- memory -------------------------------------------------------------------
     def memory_digest(self, uuid: str) -> str:
