@@ -85,6 +85,14 @@ MAX_HEADER = 1 << 20
 READ_BYTES = 1 << 20
 # What QEMU's run states mean for Berth (the rest: not running).
 _RUNNING = {"running"}
+# What a save's ``migrate fd:`` relies on, set before each save: QEMU keeps
+# migration parameters for its lifetime, so a guest that arrived by live
+# migration still holds the incoming side's tls-creds/tls-authz, and one whose
+# migration was aborted the client's tls-creds/tls-hostname and its bandwidth
+# - with them the save would try TLS on the agent's socketpair (and fail, or
+# wait for a handshake that never comes).
+SAVE_PARAMETERS = {"tls-creds": "", "tls-hostname": "", "tls-authz": "",
+                   "max-bandwidth": 1 << 40}  # bytes/s: QEMU 7.2's default is 128 MiB/s
 UNSUPPORTED = ("the QEMU driver does not expose guest pages: QEMU migrates memory itself "
                "(see docs/qemu.md)")
 
@@ -386,6 +394,7 @@ class QemuDriver(HypervisorDriver):
             # can take minutes): QEMU serves one client per monitor socket.
             try:
                 with guest.qmp() as qmp:
+                    qmp.command("migrate-set-parameters", SAVE_PARAMETERS)
                     qmp.command("getfd", {"fdname": "berth-save"}, fds=[theirs.fileno()])
                     theirs.close()
                     qmp.command("migrate", {"uri": "fd:berth-save"})
@@ -632,8 +641,11 @@ class QemuDriver(HypervisorDriver):
                 creds = self._tls_object(qmp, "client")
                 qmp.command("migrate-set-capabilities", {"capabilities": [
                     {"capability": k, "state": v} for k, v in capabilities.items()]})
+                # tls-authz judges incoming clients: a guest that arrived by
+                # migration still has its own; a sender needs none.
                 qmp.command("migrate-set-parameters", {
-                    **parameters, "tls-creds": creds, "tls-hostname": tls_hostname})
+                    **parameters, "tls-creds": creds, "tls-hostname": tls_hostname,
+                    "tls-authz": ""})
                 host = f"[{address}]" if ":" in address else address
                 qmp.command("migrate", {"uri": f"tcp:{host}:{port}"})
         except QMPError as exc:
