@@ -174,6 +174,9 @@ class ConsoleReader:
                 self._stop.wait(RETRY_SECONDS)
                 continue
             with self._lock:
+                if self._stop.is_set():  # stopped while connecting: nobody would shut it
+                    sock.close()
+                    return
                 self._sock = sock
             try:
                 while chunk := sock.recv(READ_BYTES):

@@ -61,7 +61,19 @@ def test_the_real_guests_console_survives_an_agent_restart_and_takes_input(
         again.console_write(info.uuid, b"echo $((6*7))-answer\n")
         wait_for(lambda: b"42-answer" in again.console_output(info.uuid, later.end).data,
                  "the shell to answer", 30)
-        assert len(again.console_output(info.uuid).data) <= RING_BYTES
+        # Only root reaches the console's socket and history.
+        directory = again.run_dir / info.uuid
+        assert directory.stat().st_mode & 0o777 == 0o700
+        assert (directory / RING_FILE).stat().st_mode & 0o777 == 0o600
+
+        # A guest that floods its console costs the agent the ring, no more.
+        again.console_write(info.uuid, b"yes berth-flood | head -c 700000; echo flood-$((40+2))\n")
+        wait_for(lambda: b"flood-42\r\n" in again.console_output(info.uuid).data[-4096:],
+                 "the flood to end", 120)
+        flooded = again.console_output(info.uuid)
+        assert flooded.end - flooded.start == len(flooded.data) == RING_BYTES
+        assert flooded.end > 700000
+        assert (directory / RING_FILE).stat().st_size <= 8 + 2 * RING_BYTES
         again.close()
     finally:
         driver.shutdown_all()

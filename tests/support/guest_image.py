@@ -229,7 +229,8 @@ def initramfs(busybox: bytes) -> bytes:
 APPLETS = ("sh", "mount", "cat", "echo", "sha256sum", "cut", "dd", "mkdir", "usleep", "sleep",
            "setsid", "cttyhack", "ls", "ps", "free", "uptime", "grep", "sync", "poweroff",
            "halt", "reboot", "kill", "top", "head", "tail", "wc", "date", "dmesg", "uname",
-           "hexdump", "md5sum", "rm", "cp", "mv", "ln", "stty", "true", "false", "test", "[")
+           "hexdump", "md5sum", "rm", "cp", "mv", "ln", "stty", "true", "false", "test", "[",
+           "yes", "tr", "seq")
 
 
 def build(directory: Path | None = None, *, quiet: bool = False) -> GuestImage:
