@@ -17,8 +17,9 @@ The guest's ``/init`` (busybox sh):
   from 1 at boot; it goes on, never reset, across save, restore and
   migration, since it lives in the guest's memory);
 * with ``berth.dirty=<MiB>`` on the kernel command line, rewrites a file of
-  that size (96 is what the tests use) on a tmpfs in a loop, one MiB of
-  random bytes at a time, so memory keeps changing under a migration;
+  that size (96 is what the tests use; give the guest 256 MiB) on a tmpfs in
+  a loop, one MiB of random bytes at a time, so memory keeps changing under a
+  migration;
 * keeps a marker in memory that is written nowhere: ``BERTH-MARKER-`` and
   the SHA-256 (hex) of the ``berth.seed=<seed>`` word, computed in the
   guest and held in a shell variable and a tmpfs file - the seed is on the
