@@ -126,7 +126,7 @@ def parse_config(data: dict[str, Any], source: str = "") -> AgentConfig:
     guests = data.get("guests", [])
     if not isinstance(guests, list) or not all(isinstance(g, dict) for g in guests):
         raise ConfigError("guests: must be an array of tables ([[guests]])")
-    parsed = tuple(_guest(g, f"guests[{i}]") for i, g in enumerate(guests))
+    parsed = tuple(_guest(g, f"guests[{i}]", host.driver) for i, g in enumerate(guests))
     _unique(parsed)
     return AgentConfig(host, portal, relocation, parsed, source)
 
@@ -189,7 +189,7 @@ def _relocation(t: dict[str, Any]) -> RelocationConfig:
         ca=_str(t, "relocation.ca", "ca", default=""))
 
 
-def _guest(t: dict[str, Any], where: str) -> GuestConfig:
+def _guest(t: dict[str, Any], where: str, driver: str) -> GuestConfig:
     _known(t, where, {"name", "memory_mib", "vcpus", "uuid", "kernel", "ip", "storage",
                       "workload", *QEMU_GUEST_KEYS})
     name = _str(t, f"{where}.name", "name")
@@ -208,21 +208,28 @@ def _guest(t: dict[str, Any], where: str) -> GuestConfig:
             ipaddress.ip_address(ip)
         except ValueError:
             raise ConfigError(f"{where}.ip: {ip!r} is not an IP address") from None
+    kernel = _str(t, f"{where}.kernel", "kernel", default="")
     return GuestConfig(
         name=name, memory_mib=memory_mib,
         vcpus=_int(t, f"{where}.vcpus", "vcpus", low=1, high=MAX_VCPUS, default=1),
-        uuid=uuid, kernel=_str(t, f"{where}.kernel", "kernel", default=""), ip=ip,
+        uuid=uuid, kernel=kernel, ip=ip,
         storage=_strs(t, f"{where}.storage", "storage"),
         workload=_workload(t.get("workload", {"profile": "idle"}), f"{where}.workload",
                            memory_mib),
-        qemu=_qemu_keys(t, where))
+        qemu=_qemu_keys(t, where, kernel, driver))
 
 
-def _qemu_keys(t: dict[str, Any], where: str) -> dict[str, Any]:
-    """The QEMU driver's guest keys, checked as the driver will check them."""
+def _qemu_keys(t: dict[str, Any], where: str, kernel: str, driver: str) -> dict[str, Any]:
+    """The QEMU driver's guest keys, checked as the driver will check them:
+    with ``kernel``, which QEMU boots (``initrd`` and ``append`` need it).
+    Other drivers take ``kernel`` as a label, not a file of this host."""
     keys = {k: t[k] for k in QEMU_GUEST_KEYS if k in t}
+    if driver == "qemu":
+        checked = {**keys, "kernel": kernel}
+    else:
+        checked = {k: v for k, v in keys.items() if not (k == "initrd" and kernel)}
     try:
-        check_config(keys)
+        check_config(checked)
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     return keys
