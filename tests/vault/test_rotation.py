@@ -75,8 +75,11 @@ def test_interrupted_rotation_reruns_cleanly(images, monkeypatch):
 def test_wrong_master_key_is_rejected(images, settings, tmp_path):
     settings.VAULT_KEYRING = tmp_path / "other-keyring.json"
     service.reset_caches()
-    with pytest.raises(vformat.FormatError):
+    # To the portal a master key that does not unwrap is an envelope failure:
+    # refused as an integrity error, the cause kept for the audit trail.
+    with pytest.raises(service.ImageIntegrityError) as refused:
         read_all(images[0])
+    assert "wrong master key" in refused.value.reason
 
 
 def test_rotate_key_command_reports(images, capsys):
