@@ -173,7 +173,7 @@ def test_a_copy_of_another_images_files_is_refused_without_a_byte_of_it(
     assert response.status_code == 200 and body(response) == data_a
 
 
-def test_swapped_key_envelopes_are_refused_for_both_images(admin_client, two_images):
+def test_swapped_key_envelopes_are_refused_for_both_images(admin_client, two_images, caplog):
     image_a, data_a, image_b, data_b = two_images
     _, key_a = files_of(image_a)
     _, key_b = files_of(image_b)
@@ -184,6 +184,9 @@ def test_swapped_key_envelopes_are_refused_for_both_images(admin_client, two_ima
         response = admin_client.get(f"/api/v1/images/{image.id}/content")
         assert_refused_as_integrity_error(response, image, "key envelope is for image")
         assert_no_plaintext_of(response, other)
+    assert not [r for r in caplog.records if r.exc_info]  # one line each, no traceback
+    assert [r.getMessage().split(":")[0] for r in caplog.records if r.levelname == "ERROR"] == [
+        f"download of {image_a.id} refused", f"download of {image_b.id} refused"]
 
 
 @pytest.mark.parametrize("offset,why", [
