@@ -352,7 +352,15 @@ class RestoreJob(Job):
                 info = self.driver.restore_stream(self._verified(dl, progress), start=False)
                 progress.finish()
         except transfer.HttpError as exc:
+            if exc.code == transfer.INTEGRITY_ERROR:
+                raise JobFailed(f"image {self.image_id} failed its integrity check: the portal "
+                                f"refused to send it (HTTP {exc.status}); nothing was "
+                                "restored") from None
             raise JobFailed(f"the portal refused the download: {exc}") from None
+        except transfer.ShortDownload as exc:
+            raise JobFailed(f"{exc}: the connection broke, or a chunk of image "
+                            f"{self.image_id} failed its integrity check at the portal; "
+                            "nothing was restored") from None
         except transfer.TransferError as exc:
             raise JobFailed(str(exc)) from None
         except SaveStreamError as exc:
