@@ -226,12 +226,17 @@ class Agent:
         serials = message.get("revoked_serials")
         if not isinstance(serials, list):
             return
-        revoked = frozenset(s for s in serials if isinstance(s, int) and not isinstance(s, bool))
+        told = frozenset(s for s in serials if isinstance(s, int) and not isinstance(s, bool))
         if self.relocation is not None:
             # Before the disk: the port must not wait for an fsync to refuse.
+            self.relocation.server.revoked_serials = self.revocations.serials | told
+        before = len(self.revocations.serials)
+        revoked = self.revocations.add(told)
+        if self.relocation is not None:
             self.relocation.server.revoked_serials = revoked
-        if self.revocations.replace(revoked):
-            log.info("revocation list from the portal: %d revoked certificate(s)", len(revoked))
+        if len(revoked) != before:
+            log.info("the portal revoked host certificates: %d refused on the relocation "
+                     "port now", len(revoked))
 
     def _shutdown(self) -> None:
         """Abort running jobs (a save resumes its guest) so their results are

@@ -149,9 +149,11 @@ class HostState:
 
 
 class RevocationList:
-    """Revoked host certificate serials, as the portal last sent them. Thread-safe;
-    written atomically like the outbox. An unreadable file stops the agent rather
-    than reading as "nothing revoked"."""
+    """Revoked host certificate serials the portal has sent. Thread-safe; written
+    atomically like the outbox. Only ever grows: a revocation is for good (a host
+    comes back with a new certificate), so a portal that forgot one - a database
+    restored from an old backup - cannot bring a revoked certificate back. An
+    unreadable file stops the agent rather than reading as "nothing revoked"."""
 
     FILE_NAME = "revoked.json"
 
@@ -165,17 +167,15 @@ class RevocationList:
         with self._lock:
             return self._serials
 
-    def replace(self, serials: frozenset[int]) -> bool:
-        """Keep the portal's new list (it is the whole list, not a change); True if
-        it differed from what was kept."""
+    def add(self, serials: frozenset[int]) -> frozenset[int]:
+        """Keep these serials too; returns the whole list (on disk before it returns)."""
         with self._lock:
-            if serials == self._serials:
-                return False
-            self._serials = frozenset(serials)
-            if self._path is not None:
-                data = {"version": 1, "revoked_serials": sorted(self._serials)}
-                write_atomic(self._path, json.dumps(data, indent=1).encode("utf-8"))
-            return True
+            if not serials <= self._serials:
+                self._serials = self._serials | serials
+                if self._path is not None:
+                    data = {"version": 1, "revoked_serials": sorted(self._serials)}
+                    write_atomic(self._path, json.dumps(data, indent=1).encode("utf-8"))
+            return self._serials
 
     def _load(self) -> frozenset[int]:
         if self._path is None or not self._path.exists():

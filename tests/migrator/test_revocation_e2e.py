@@ -11,8 +11,6 @@ portal's memory).
 """
 import json
 import os
-import socket
-import ssl
 import threading
 import time
 from datetime import datetime
@@ -23,9 +21,9 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
-from migrator import tls
 from tests.migrator.conftest import credential_of, hello
 from tests.migrator.test_save_restore_e2e import SCOPES, Deployment
+from tests.support.relocation import relocation_probe
 from tests.support.server import PortalServer, PostgresDatabase, free_port, manage, on_postgresql
 
 LIMIT = 2.0  # seconds, from the revocation's commit (the host row's revoked_at)
@@ -97,20 +95,8 @@ def agent_socket(deployment, name):
                    open_timeout=10)
 
 
-def relocation_probe(bundle, port):
-    """Knock on a relocation port with this bundle's certificate: True if the server
-    kept the connection (it waits for our HELLO), False if it refused it."""
-    context = tls.client_context(bundle / "cert.pem", bundle / "key.pem", bundle / "ca.pem")
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
-                context.wrap_socket(raw, server_hostname=None) as conn:
-            conn.settimeout(0.3)
-            try:
-                return conn.recv(1) != b""
-            except TimeoutError:
-                return True
-    except (ssl.SSLError, OSError):
-        return False
+def probe(bundle, port):
+    return relocation_probe(bundle / "cert.pem", bundle / "key.pem", bundle / "ca.pem", port)
 
 
 def wait_closed(ws, seconds):
@@ -130,7 +116,7 @@ def wait_refused(bundle, port, seconds):
     """Knock until the port refuses the certificate; the (wall-clock) time it did, or None."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if not relocation_probe(bundle, port):
+        if not probe(bundle, port):
             return time.time()
         time.sleep(0.05)
     return None
@@ -149,7 +135,7 @@ def run_revocation(deployment, figures):
     with agent_socket(deployment, "hostb") as ws:
         ws.send(json.dumps(hello("hostb", guests=())))
         assert json.loads(ws.recv(timeout=10))["type"] == "welcome"
-        assert relocation_probe(hostb, port), "hostc refused hostb before the revocation"
+        assert probe(hostb, port), "hostc refused hostb before the revocation"
 
         # The socket stays silent: only the portal's own check can close it. Both
         # watchers run from before the command, the revocation's moment is its row's.
