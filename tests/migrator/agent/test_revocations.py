@@ -77,8 +77,9 @@ def test_a_pushed_revocation_is_refused_without_a_restart_and_kept_on_disk(
         assert hostb_knocks(pki, port)
         portal.send({"type": "revocations", "revoked_serials": [pki["hostb"]["serial"]]})
         wait_for(lambda: not hostb_knocks(pki, port), "hostb refused", timeout=2)
-        saved = json.loads((tmp_path / "state" / "revoked.json").read_text())
-        assert saved["revoked_serials"] == [pki["hostb"]["serial"]]
+        kept = tmp_path / "state" / "revoked.json"  # written just after the port refuses
+        wait_for(kept.exists, "the list on disk", timeout=2)
+        assert json.loads(kept.read_text())["revoked_serials"] == [pki["hostb"]["serial"]]
     finally:
         portal.stop()
 
