@@ -45,7 +45,6 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
             return
         await self.channel_layer.group_add(progress.host_group(self.host.name),
                                            self.channel_name)
-        await self.channel_layer.group_add(progress.ALL_AGENTS, self.channel_name)
         await self.accept()
         revocation.watch(self)  # revoked from any process: closed within a second
 
@@ -68,7 +67,6 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
         revocation.unwatch(self)
         await self.channel_layer.group_discard(progress.host_group(self.host.name),
                                                self.channel_name)
-        await self.channel_layer.group_discard(progress.ALL_AGENTS, self.channel_name)
         await database_sync_to_async(self._refresh_and_mark_offline)()
 
     def _refresh_and_mark_offline(self):

@@ -391,6 +391,8 @@ class Agent:
     def _close_note(ws: ClientConnection) -> str:
         if ws.close_code == 4001:
             return ": another connection of this host replaced this one"
+        if ws.close_code == 4003:
+            return ": the portal revoked this host"
         return f": {ws.close_reason}" if ws.close_reason else ""
 
     async def _pump(self, ws: ClientConnection, inventory: dict[str, Any]) -> None:
