@@ -26,7 +26,7 @@ from tests.migrator.test_save_restore_e2e import SCOPES, Deployment
 from tests.support.relocation import relocation_probe
 from tests.support.server import PortalServer, PostgresDatabase, free_port, manage, on_postgresql
 
-LIMIT = 2.0  # seconds, from the revocation's commit (the host row's revoked_at)
+LIMIT = 2.0  # seconds, from the host row's revoked_at (set in the revocation's transaction)
 
 
 class RevocationDeployment(Deployment):
@@ -153,7 +153,7 @@ def run_revocation(deployment, figures):
     figures.update(command_s=round(ended - started, 3),
                    socket_closed_s=closed_after and round(closed_after, 3),
                    relocation_refused_s=refused_after and round(refused_after, 3))
-    print(f"revocation figures (seconds after the revocation's commit): {figures}")
+    print(f"revocation figures (seconds after revoked_at): {figures}")
 
     assert closed_after is not None and closed_after <= LIMIT, figures
     assert close_code == 4003, close_code
