@@ -50,7 +50,7 @@ from .config import AgentConfig, HostConfig, RelocationConfig
 from .indoubt import KEEP, InDoubtBook, holding, settle
 from .jobs import ACTIONS, BadCommand, Job, _uuid, guest_json, result_message
 from .migrate import MigrateJob, RelocationEndpoint
-from .outbox import HostState, Outbox, ensure_state_dir
+from .outbox import HostState, Outbox, RevocationList, ensure_state_dir
 
 COMMANDS = {**ACTIONS, "migrate": MigrateJob}
 
@@ -130,6 +130,7 @@ class Agent:
         self.outbox = Outbox(config.host.state_dir)
         self.state = HostState(config.host.state_dir)
         self.in_doubt = InDoubtBook(config.host.state_dir)
+        self.revocations = RevocationList(config.host.state_dir)
         self._backoff, self._stable_after = backoff, stable_after
         self._heartbeat, self._poll, self._resend_after = heartbeat, poll, resend_after
         self._transfer_timeout, self._shutdown_timeout = transfer_timeout, shutdown_timeout
@@ -149,7 +150,6 @@ class Agent:
         self._stop_requested = threading.Event()  # stop() before the loop exists
         self.connected = threading.Event()  # set while a connection is up (tests wait on it)
         self.relocation: RelocationEndpoint | None = None  # started with the loop
-        self.revoked_serials: frozenset[int] = frozenset()
         self.attempts = 0      # connection attempts so far
         self.connections = 0   # successful handshakes so far
 
@@ -211,15 +211,32 @@ class Agent:
             return
         self.relocation = RelocationEndpoint(self.config, self.driver, self._event,
                                              self.in_doubt)
+        # What the portal last said, kept on disk: refused from the first connection on.
+        self.relocation.server.revoked_serials = self.revocations.serials
         self.relocation.start()
 
+    @property
+    def revoked_serials(self) -> frozenset[int]:
+        return self.revocations.serials
+
     def _revocations(self, message: dict[str, Any]) -> None:
-        """Certificates the portal revoked: refused on the relocation channel."""
+        """Certificates the portal revoked (the whole list, in every ``welcome`` and
+        pushed as ``revocations`` when it changes): kept on disk, and refused on the
+        relocation port from the next handshake on, without a restart."""
         serials = message.get("revoked_serials")
-        if isinstance(serials, list):
-            self.revoked_serials = frozenset(int(s) for s in serials if isinstance(s, int))
-            if self.relocation is not None:
-                self.relocation.server.revoked_serials = self.revoked_serials
+        if not isinstance(serials, list):
+            return
+        told = frozenset(s for s in serials if isinstance(s, int) and not isinstance(s, bool))
+        if self.relocation is not None:
+            # Before the disk: the port must not wait for an fsync to refuse.
+            self.relocation.server.revoked_serials = self.revocations.serials | told
+        before = len(self.revocations.serials)
+        revoked = self.revocations.add(told)
+        if self.relocation is not None:
+            self.relocation.server.revoked_serials = revoked
+        if len(revoked) != before:
+            log.info("the portal revoked host certificates: %d refused on the relocation "
+                     "port now", len(revoked))
 
     def _shutdown(self) -> None:
         """Abort running jobs (a save resumes its guest) so their results are
@@ -374,6 +391,8 @@ class Agent:
     def _close_note(ws: ClientConnection) -> str:
         if ws.close_code == 4001:
             return ": another connection of this host replaced this one"
+        if ws.close_code == 4003:
+            return ": the portal revoked this host"
         return f": {ws.close_reason}" if ws.close_reason else ""
 
     async def _pump(self, ws: ClientConnection, inventory: dict[str, Any]) -> None:
@@ -453,9 +472,9 @@ class Agent:
         kind = message.get("type")
         if kind == "welcome":
             log.info("the portal welcomed host %s", message.get("host"))
-            self._revocations(message)
+            await asyncio.to_thread(self._revocations, message)
         elif kind == "revocations":
-            self._revocations(message)
+            await asyncio.to_thread(self._revocations, message)
         elif kind == "ack":
             job_id = str(message.get("job"))
             if await asyncio.to_thread(self.outbox.ack, job_id):

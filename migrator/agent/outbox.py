@@ -13,6 +13,10 @@ guest that has none, so the guest keeps its identity across agent restarts,
 and which guests left this host (saved into the vault), so a restart does
 not boot a second copy of a guest whose image may be restored elsewhere.
 
+`RevocationList` (``state_dir/revoked.json``) keeps the certificate serials the
+portal revoked, so the relocation port refuses them from the moment the agent
+starts, before (or without) a portal connection.
+
 Django-free.
 """
 
@@ -142,6 +146,50 @@ class HostState:
         if self._path is not None:
             data = {"guest_uuids": self._uuids, "departed": sorted(self._departed)}
             write_atomic(self._path, json.dumps(data, indent=1).encode("utf-8"))
+
+
+class RevocationList:
+    """Revoked host certificate serials the portal has sent. Thread-safe; written
+    atomically like the outbox. Only ever grows: a revocation is for good (a host
+    comes back with a new certificate), so a portal that forgot one - a database
+    restored from an old backup - cannot bring a revoked certificate back. An
+    unreadable file stops the agent rather than reading as "nothing revoked"."""
+
+    FILE_NAME = "revoked.json"
+
+    def __init__(self, state_dir: str | os.PathLike[str] | None):
+        self._path = Path(state_dir) / self.FILE_NAME if state_dir is not None else None
+        self._lock = threading.Lock()
+        self._serials: frozenset[int] = self._load()
+
+    @property
+    def serials(self) -> frozenset[int]:
+        with self._lock:
+            return self._serials
+
+    def add(self, serials: frozenset[int]) -> frozenset[int]:
+        """Keep these serials too; returns the whole list (on disk before it returns)."""
+        with self._lock:
+            if not serials <= self._serials:
+                self._serials = self._serials | serials
+                if self._path is not None:
+                    data = {"version": 1, "revoked_serials": sorted(self._serials)}
+                    write_atomic(self._path, json.dumps(data, indent=1).encode("utf-8"))
+            return self._serials
+
+    def _load(self) -> frozenset[int]:
+        if self._path is None or not self._path.exists():
+            return frozenset()
+        try:
+            data = json.loads(self._path.read_text(encoding="utf-8"))
+            if data.get("version") != 1:
+                raise ValueError("unknown version")
+            serials = data["revoked_serials"]
+            if not all(isinstance(s, int) and not isinstance(s, bool) for s in serials):
+                raise ValueError("serials must be integers")
+            return frozenset(serials)
+        except (OSError, ValueError, AttributeError, KeyError, TypeError) as exc:
+            raise OSError(f"revocation list {self._path} is unreadable: {exc}") from None
 
 
 def ensure_state_dir(path: str | os.PathLike[str]) -> Path:

@@ -1,14 +1,17 @@
 """The agent socket and the job sockets, through the real routing."""
+import time
+
 import pytest
 from asgiref.sync import sync_to_async
 from django.test import Client, RequestFactory
+from django.utils import timezone
 
-from migrator import orchestrate
+from migrator import orchestrate, revocation
 from migrator.enrollment import revoke
-from migrator.models import Guest, Job, JobState
+from migrator.models import Guest, Host, Job, JobState
 from portal.models import AuditRecord
 from portal.routing import websocket_application
-from tests.migrator.conftest import GUEST, agent_socket, connect_agent
+from tests.migrator.conftest import GUEST, agent_socket, connect_agent, hello
 from tests.support.channels_testing import WebsocketCommunicator
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -63,6 +66,62 @@ async def test_revoked_host_is_cut_off(enrolled):
     await sync_to_async(revoke)("hostb")
     connected, _ = await agent_socket(enrolled["hostb"]).connect()
     assert not connected
+
+
+async def revoke_elsewhere(name):
+    """What `hosts revoke` in its own process does to this one: its row changes, and no
+    message reaches this process's channel layer."""
+    await Host.objects.filter(name=name).aupdate(revoked_at=timezone.now())
+
+
+async def closed_with(socket, timeout):
+    output = await socket.receive_output(timeout=timeout)
+    assert output["type"] == "websocket.close", output
+    return output["code"]
+
+
+async def test_what_a_host_sends_after_its_revocation_elsewhere_is_not_applied(enrolled,
+                                                                              monkeypatch):
+    monkeypatch.setattr(revocation, "CHECK_INTERVAL", 60)  # the message check alone
+    socket = await connect_agent(enrolled["hostb"], "hostb", guests=())
+    await revoke_elsewhere("hostb")
+    await socket.send_json_to({"type": "inventory", "capacity": {}, "guests": [GUEST]})
+    assert await closed_with(socket, 2) == 4003
+    assert not await Guest.objects.filter(uuid=GUEST["uuid"]).aexists()
+    cut = await AuditRecord.objects.aget(action="host.cut_off")
+    assert cut.outcome == "denied" and cut.actor == "host:hostb"
+    assert cut.details == {"reason": "the host was revoked", "dropped": "inventory"}
+
+
+async def test_a_silent_host_revoked_elsewhere_is_closed_within_a_second(enrolled):
+    socket = await connect_agent(enrolled["hostb"], "hostb", guests=())
+    await revoke_elsewhere("hostb")
+    started = time.monotonic()
+    assert await closed_with(socket, 2) == 4003
+    assert time.monotonic() - started <= 1.0 + revocation.CHECK_INTERVAL
+    assert await AuditRecord.objects.filter(action="host.cut_off",
+                                            target="host:hostb").acount() == 1
+
+
+async def test_other_agents_are_told_a_revocation_made_elsewhere_within_a_second(enrolled):
+    hostc = await connect_agent(enrolled["hostc"], "hostc", guests=())
+    await revoke_elsewhere("hostb")
+    serial = int((await Host.objects.aget(name="hostb")).cert_serial)
+    message = await hostc.receive_json_from(timeout=1.0 + revocation.CHECK_INTERVAL)
+    assert message == {"type": "revocations", "revoked_serials": [serial]}
+    await hostc.receive_nothing(timeout=3 * revocation.CHECK_INTERVAL)  # told once
+    await hostc.disconnect()
+
+
+async def test_welcome_carries_the_revocations_from_the_database(enrolled):
+    await revoke_elsewhere("hostb")  # not in this portal's CA directory: another machine's
+    serial = int((await Host.objects.aget(name="hostb")).cert_serial)
+    socket = agent_socket(enrolled["hostc"])
+    assert (await socket.connect())[0]
+    await socket.send_json_to(hello("hostc", guests=()))
+    welcome = await socket.receive_json_from(timeout=5)
+    assert welcome["type"] == "welcome" and welcome["revoked_serials"] == [serial]
+    await socket.disconnect()
 
 
 async def test_save_command_reaches_the_agent_and_events_reach_watchers(enrolled, admin_user):
