@@ -49,6 +49,7 @@ from portal.audit_verifier import (
     anchor_signed_bytes,
     format_public_key,
     key_id,
+    missing_range,
     parse_anchor_line,
     raw_public_key,
 )
@@ -281,7 +282,7 @@ def verify_with_anchors(source: str) -> audit.Verification:
     furthest = max((a for _, a in anchors), key=lambda a: a["seq"])
     if furthest["seq"] > result.count:
         return audit.Verification(False, result.count, result.count + 1, (
-            f"records {result.count + 1}..{furthest['seq']} are missing: the chain ends at "
+            f"{missing_range(result.count + 1, furthest['seq'])}: the chain ends at "
             f"{result.count} but was anchored at {furthest['seq']} on {furthest['time']}"))
     wanted = {a["seq"]: a for _, a in anchors if a["seq"] > 0}
     stored = dict(AuditRecord.objects.filter(seq__in=wanted).values_list("seq", "mac"))
@@ -313,7 +314,8 @@ def chain_export(batch_size=1000):
                 yield "".join(lines)
                 lines = []
     except (audit.ChainBroken, AuditKeyError) as exc:
-        yield "".join(lines) + _line({"type": "error", "detail": f"audit chain broken: {exc}"})
+        yield "".join(lines)
+        yield _line({"type": "error", "detail": f"audit chain broken: {exc}"})
         return
     yield "".join(lines)
     if point.seq != head_seq:

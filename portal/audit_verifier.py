@@ -65,6 +65,13 @@ def next_digest(previous: str, canonical: bytes) -> str:
     return hashlib.sha256(previous.encode() + canonical).hexdigest()
 
 
+def missing_range(first: int, last: int) -> str:
+    """'record 7 is missing' / 'records 7..9 are missing'."""
+    if first == last:
+        return f"record {first} is missing"
+    return f"records {first}..{last} are missing"
+
+
 # -- keys -------------------------------------------------------------------------
 def format_public_key(raw: bytes) -> str:
     return KEY_PREFIX + base64.b64encode(raw).decode()
@@ -212,7 +219,7 @@ def _check_anchors(anchors, digests, count, public_key) -> ExportResult:
         seq = anchor["seq"]
         if seq > count:
             return ExportResult(False, count, len(anchors), reason=(
-                f"records {count + 1}..{seq} are missing: an anchor signed at "
+                f"{missing_range(count + 1, seq)}: an anchor signed at "
                 f"{anchor.get('time')} shows the chain reached record {seq}"))
         expected = digests.get(seq, "")
         if anchor.get("sha256") != expected:
