@@ -212,6 +212,14 @@ def test_the_page_export_verifies_offline(auditor_user, client, public_key):
     assert AuditRecord.objects.order_by("seq").last().action == "audit.export"
 
 
+def test_the_chain_export_is_refused_to_users_without_a_reader_role(outsider_user, client):
+    write_records(2)
+    assert client.get("/audit/export.chain.jsonl").status_code == 302  # to sign-in
+    client.force_login(outsider_user)
+    assert client.get("/audit/export.chain.jsonl").status_code == 403
+    assert not AuditRecord.objects.filter(action="audit.export").exists()
+
+
 BLOCKED_DJANGO = """
 import sys
 sys.modules["django"] = None  # any import of Django now fails
