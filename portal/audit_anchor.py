@@ -293,6 +293,21 @@ def verify_with_anchors(source: str) -> audit.Verification:
     return audit.Verification(True, result.count, mac=result.mac, sha256=result.sha256)
 
 
+def verify_with_local_anchors() -> audit.Verification:
+    """What the audit page's *Verify chain* does: against the anchor file when there
+    is one (a cut tail shows there too), otherwise the MAC chain alone."""
+    path = settings.AUDIT_ANCHOR_FILE
+    if not path or not Path(path).exists():
+        return audit.verify_chain()
+    try:
+        return verify_with_anchors(path)
+    except AnchorError as exc:
+        result = audit.verify_chain()
+        if not result.ok:
+            return result
+        return audit.Verification(False, result.count, None, str(exc))
+
+
 # -- exports ----------------------------------------------------------------------
 def chain_export(batch_size=1000):
     """The ``berth-audit-chain`` export as chunks of JSON Lines (see audit_verifier).

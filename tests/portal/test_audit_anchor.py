@@ -12,7 +12,7 @@ from django.core.management.base import CommandError
 from portal import audit, audit_anchor
 from portal.audit_verifier import anchor_is_signed, parse_public_key
 from portal.models import AuditHead, AuditRecord
-from tests.support.server import ROOT, manage
+from tests.support.server import manage
 from tests.vault.conftest import s3_bucket, s3_endpoint  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -268,5 +268,14 @@ def test_the_audit_page_shows_the_anchor_public_key(auditor_user, client):
     assert "/audit/export.chain.jsonl" in page
 
 
-def test_root_of_the_repository_is_where_manage_runs():
-    assert (ROOT / "manage.py").exists()
+def test_the_verify_button_checks_the_anchor_file_and_shows_a_cut_tail(auditor_user, client):
+    client.force_login(auditor_user)
+    write_records(6)
+    call_command("audit", "anchor")
+    anchored = AuditHead.objects.get().seq
+    assert "Chain intact" in client.post("/audit/verify").content.decode()
+    cut_tail(4)
+    page = client.post("/audit/verify").content.decode()
+    assert f"records 5..{anchored} are missing" in page
+    entry = AuditRecord.objects.filter(action="audit.verify").last()
+    assert entry.details["ok"] is False
