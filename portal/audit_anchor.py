@@ -128,6 +128,8 @@ def verified_head() -> audit.ChainPoint:
     head = AuditHead.objects.filter(id=1).values_list("seq", "mac").first() or (0, "")
     with _verified_lock:
         start = _verified if _verified.seq <= head[0] else audit.ChainPoint()
+    if not start.seq:
+        start = _last_file_anchor(head[0])
     if start.seq:
         stored = AuditRecord.objects.filter(seq=start.seq).values_list("mac", flat=True)
         if not stored or not hmac.compare_digest(stored[0], start.mac):
@@ -148,6 +150,33 @@ def verified_head() -> audit.ChainPoint:
         if point.seq > _verified.seq:
             _verified = point
     return point
+
+
+TAIL_BYTES = 64 * 1024  # the last anchors of the file, not all of it
+
+
+def _last_file_anchor(upto: int) -> audit.ChainPoint:
+    """Where the newest anchor in the anchor file left off, if it is genuine (signed
+    and MACed by this portal) and not past ``upto``; else the chain's start.
+
+    A genuine anchor was only ever made after a full check up to it, and its record
+    must still carry the anchored MAC (checked by the caller), so a new process --
+    or each run of `audit anchor` from a timer -- reads only the records since.
+    """
+    path = settings.AUDIT_ANCHOR_FILE
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - TAIL_BYTES))
+            lines = f.read().decode("utf-8", "replace").splitlines()
+        public_key = signing_key().public_key()
+    except (OSError, TypeError, AnchorError):
+        return audit.ChainPoint()
+    for line in reversed(lines):
+        anchor = parse_anchor_line(line)
+        if (anchor and isinstance(anchor.get("seq"), int) and 0 < anchor["seq"] <= upto
+                and anchor_is_ours(anchor, public_key)):
+            return audit.ChainPoint(anchor["seq"], anchor["mac"], anchor["sha256"])
+    return audit.ChainPoint()
 
 
 def forget_verified() -> None:

@@ -216,6 +216,48 @@ def test_anchors_go_to_the_vault_bucket_when_the_vault_is_on_s3(
         reset_caches()
 
 
+def test_a_new_process_checks_only_the_records_since_its_last_anchor(anchor_files,
+                                                                        monkeypatch):
+    write_records(5)
+    call_command("audit", "anchor")
+    first = anchors_in(anchor_files / "anchors.jsonl")[0]
+    write_records(3, start=5)
+    audit_anchor.forget_verified()  # as a new process, or `audit anchor` from a timer
+    starts = []
+    walk = audit.walk_chain
+    monkeypatch.setattr(audit, "walk_chain",
+                        lambda start=audit.ChainPoint(), **kw: starts.append(start) or walk(
+                            start, **kw))
+    anchor, _, _ = audit_anchor.anchor_now()
+    assert starts == [audit.ChainPoint(first["seq"], first["mac"], first["sha256"])]
+    assert anchor["sha256"] == audit.verify_chain().sha256  # the same chain as a full walk
+
+
+def test_a_forged_last_anchor_is_not_taken_as_the_starting_point(anchor_files):
+    write_records(5)
+    call_command("audit", "anchor")
+    path = anchor_files / "anchors.jsonl"
+    forged = dict(anchors_in(path)[0], seq=5, sha256="0" * 64)
+    with open(path, "a") as f:
+        f.write(json.dumps(forged) + "\n")
+    write_records(1, start=5)
+    audit_anchor.forget_verified()
+    assert audit_anchor.anchor_now()[0]["sha256"] == audit.verify_chain().sha256
+
+
+def test_an_anchor_whose_record_was_replaced_is_not_taken_as_the_starting_point(
+        anchor_files):
+    """The cut-and-re-append attack cannot make the portal sign on from a point that
+    is no longer in the chain: the walk starts over, and finds the break."""
+    write_records(5)
+    call_command("audit", "anchor")
+    AuditRecord.objects.filter(seq=5).update(mac="f" * 64)
+    AuditHead.objects.filter(id=1).update(mac="f" * 64)
+    audit_anchor.forget_verified()
+    with pytest.raises(audit_anchor.AnchorError, match="broken at record 5"):
+        audit_anchor.anchor_now()
+
+
 # -- the timer --------------------------------------------------------------------
 def test_the_timer_anchors_when_the_head_moves_and_only_then(anchor_files):
     timer = audit_anchor.AnchorTimer(interval=3600)
