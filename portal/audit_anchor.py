@@ -207,8 +207,6 @@ def write_anchor(anchor: dict) -> tuple[list[str], list[str]]:
             written.append(name)
         except (OSError, AnchorError) as exc:
             failed.append(f"{name}: {exc}")
-        except Exception as exc:  # a storage error from the vault's bucket
-            failed.append(f"{name}: {exc}")
     return written, failed
 
 
@@ -252,9 +250,13 @@ def _to_syslog(anchor: dict) -> None:
 
 def _to_object_store(anchor: dict) -> None:
     from vault.service import storage
+    from vault.storage import StorageError
 
     name = f"{anchor['seq']:012d}-{hashlib.sha256(anchor['sig'].encode()).hexdigest()[:16]}.json"
-    storage().put_audit_anchor(name, anchor_line(anchor).encode())
+    try:
+        storage().put_audit_anchor(name, anchor_line(anchor).encode())
+    except StorageError as exc:  # one line naming the operation and S3's code, no secrets
+        raise AnchorError(str(exc)) from None
 
 
 # -- reading anchors back ---------------------------------------------------------
@@ -349,8 +351,15 @@ def chain_export(batch_size=1000):
     and last a fresh anchor of its last record (also written to the sinks).
     """
     head_seq = AuditHead.objects.filter(id=1).values_list("seq", flat=True).first() or 0
-    yield _line({"type": "header", "export": EXPORT_NAME, "format": EXPORT_FORMAT,
-                 "public_key": public_key_text(), "head_seq": head_seq})
+    header = {"type": "header", "export": EXPORT_NAME, "format": EXPORT_FORMAT,
+              "head_seq": head_seq}
+    try:
+        header["public_key"] = public_key_text()
+    except AnchorError as exc:  # nothing could be signed: say so rather than stream records
+        yield _line(header)
+        yield _line({"type": "error", "detail": str(exc)})
+        return
+    yield _line(header)
     point, lines = audit.ChainPoint(), []
     try:
         for entry, point in audit.walk_chain(upto=head_seq, batch_size=batch_size):
@@ -369,7 +378,11 @@ def chain_export(batch_size=1000):
                                                 f"but its head says {head_seq}"})
         return
     yield "".join(_line({"type": "anchor", **a}) for a in _stored_anchors(head_seq))
-    closing = make_anchor(point)
+    try:
+        closing = make_anchor(point)
+    except (AnchorError, AuditKeyError) as exc:
+        yield _line({"type": "error", "detail": str(exc)})
+        return
     _, failed = write_anchor(closing)
     for failure in failed:
         log.warning("audit anchor of an export not written to %s", failure)

@@ -258,6 +258,42 @@ def test_an_anchor_whose_record_was_replaced_is_not_taken_as_the_starting_point(
         audit_anchor.anchor_now()
 
 
+def test_an_unreachable_bucket_is_a_failed_sink_not_a_crash(anchor_files, settings,
+                                                             monkeypatch):
+    from vault.service import reset_caches
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    settings.VAULT_STORAGE = "s3"
+    settings.VAULT_S3_BUCKET = "berth-nowhere"
+    settings.VAULT_S3_ENDPOINT = "http://127.0.0.1:9"  # nothing listens on the discard port
+    settings.VAULT_S3_REGION = "us-east-1"
+    reset_caches()
+    try:
+        write_records(1)
+        _, written, failed = audit_anchor.anchor_now()
+    finally:
+        reset_caches()
+    assert written == ["file"]
+    assert len(failed) == 1 and failed[0].startswith("s3: store audit anchor")
+    assert "testing" not in failed[0]
+
+
+def test_the_key_never_reaches_output_or_logs(anchor_files, capsys, caplog, tmp_path):
+    write_records(3)
+    for args in (("anchor",), ("public-key",), ("export", str(tmp_path / "e.jsonl")),
+                 ("verify", "--anchors", str(anchor_files / "anchors.jsonl"))):
+        call_command("audit", *args)
+    (anchor_files / "keys" / "audit-anchor.key").chmod(0o640)
+    with pytest.raises(CommandError) as refused:
+        call_command("audit", "anchor")
+    seed = (anchor_files / "keys" / "audit-anchor.key").read_text().strip()
+    out = capsys.readouterr()
+    for text in (out.out, out.err, caplog.text, str(refused.value),
+                 (tmp_path / "e.jsonl").read_text(), (anchor_files / "anchors.jsonl").read_text()):
+        assert seed not in text and bytes.fromhex(seed).hex().upper() not in text
+
+
 # -- the timer --------------------------------------------------------------------
 def test_the_timer_anchors_when_the_head_moves_and_only_then(anchor_files):
     timer = audit_anchor.AnchorTimer(interval=3600)
