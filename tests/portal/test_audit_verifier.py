@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from asgiref.sync import async_to_sync
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import connection
@@ -17,7 +18,6 @@ from portal.audit_verifier import (
     verify_export,
 )
 from portal.models import AuditRecord
-from tests.portal.test_audit_views import _streamed
 from tests.support.server import ROOT
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -76,6 +76,14 @@ def rechain(items):
             digest = next_digest(digest, canonical_record(item))
             item["sha256"] = digest
     return items
+
+
+def streamed(response):
+    async def collect():
+        return b"".join([chunk async for chunk in response.streaming_content])
+
+    # async_to_sync keeps the generator's database calls on this thread's connection.
+    return async_to_sync(collect)().decode()
 
 
 def refused(path, public_key, match):
@@ -205,7 +213,7 @@ def test_the_page_export_verifies_offline(auditor_user, client, public_key):
     response = client.get("/audit/export.chain.jsonl")
     assert response.status_code == 200
     assert response["Content-Disposition"] == 'attachment; filename="berth-audit.chain.jsonl"'
-    text = _streamed(response)
+    text = streamed(response)
     result = verify_export(text.splitlines(), parse_public_key(public_key))
     # Every record, the export's own last among them.
     assert result.ok and result.records == AuditRecord.objects.count(), result
