@@ -120,20 +120,14 @@ def verified_head() -> audit.ChainPoint:
     """The chain's head with both chains' values, after checking every MAC up to it.
 
     Reads the head first and walks up to it, so writers appending meanwhile do
-    not look like a cut. Starts from the last point this process verified (its
-    record must still carry the same MAC), so a timer does not re-read the
-    whole trail each time.
+    not look like a cut. Starts from the last point this process verified, or the
+    newest genuine anchor in the anchor file (its record must still carry the same
+    MAC), so a timer does not re-read the whole trail each time; a head behind
+    that point is a cut tail, and is refused.
     """
     global _verified
     head = AuditHead.objects.filter(id=1).values_list("seq", "mac").first() or (0, "")
-    with _verified_lock:
-        start = _verified if _verified.seq <= head[0] else audit.ChainPoint()
-    if not start.seq:
-        start = _last_file_anchor(head[0])
-    if start.seq:
-        stored = AuditRecord.objects.filter(seq=start.seq).values_list("mac", flat=True)
-        if not stored or not hmac.compare_digest(stored[0], start.mac):
-            start = audit.ChainPoint()  # changed under us: walk it all, and report where
+    start = last_anchored(head[0])
     point = start
     try:
         for _, reached in audit.walk_chain(start, upto=head[0]):
@@ -152,12 +146,34 @@ def verified_head() -> audit.ChainPoint:
     return point
 
 
+def last_anchored(head_seq: int) -> audit.ChainPoint:
+    """The furthest point already verified and anchored (this process's, or the
+    newest genuine anchor in the anchor file), after checking the chain still
+    reaches it: a head behind it is a cut tail, and a different MAC there means
+    records were cut and written again under the same numbers. Either way the
+    portal must not sign on (AnchorError)."""
+    with _verified_lock:
+        start = _verified
+    if not start.seq:
+        start = _last_file_anchor()
+    if start.seq > head_seq:
+        raise AnchorError(f"{missing_range(head_seq + 1, start.seq)}: the chain's head is at "
+                          f"{head_seq} but record {start.seq} was verified and anchored; "
+                          "nothing anchored")
+    if start.seq:
+        stored = AuditRecord.objects.filter(seq=start.seq).values_list("mac", flat=True)
+        if not stored or not hmac.compare_digest(stored[0], start.mac):
+            raise AnchorError(f"record {start.seq} no longer carries the MAC it was "
+                              "verified and anchored with; nothing anchored")
+    return start
+
+
 TAIL_BYTES = 64 * 1024  # the last anchors of the file, not all of it
 
 
-def _last_file_anchor(upto: int) -> audit.ChainPoint:
+def _last_file_anchor() -> audit.ChainPoint:
     """Where the newest anchor in the anchor file left off, if it is genuine (signed
-    and MACed by this portal) and not past ``upto``; else the chain's start.
+    and MACed by this portal); else the chain's start.
 
     A genuine anchor was only ever made after a full check up to it, and its record
     must still carry the anchored MAC (checked by the caller), so a new process --
@@ -173,7 +189,7 @@ def _last_file_anchor(upto: int) -> audit.ChainPoint:
         return audit.ChainPoint()
     for line in reversed(lines):
         anchor = parse_anchor_line(line)
-        if (anchor and isinstance(anchor.get("seq"), int) and 0 < anchor["seq"] <= upto
+        if (anchor and isinstance(anchor.get("seq"), int) and anchor["seq"] > 0
                 and anchor_is_ours(anchor, public_key)):
             return audit.ChainPoint(anchor["seq"], anchor["mac"], anchor["sha256"])
     return audit.ChainPoint()
@@ -377,8 +393,9 @@ def chain_export(batch_size=1000):
         yield _line({"type": "error", "detail": f"audit chain ends at record {point.seq} "
                                                 f"but its head says {head_seq}"})
         return
-    yield "".join(_line({"type": "anchor", **a}) for a in _stored_anchors(head_seq))
+    yield "".join(_line({"type": "anchor", **a}) for a in _stored_anchors())
     try:
+        last_anchored(head_seq)  # never close an export of a chain cut below an anchor
         closing = make_anchor(point)
     except (AnchorError, AuditKeyError) as exc:
         yield _line({"type": "error", "detail": str(exc)})
@@ -389,8 +406,9 @@ def chain_export(batch_size=1000):
     yield _line({"type": "anchor", **closing})
 
 
-def _stored_anchors(upto: int) -> list[dict]:
-    """This portal's stored anchors of records 1..``upto``, oldest first."""
+def _stored_anchors() -> list[dict]:
+    """This portal's stored anchors, oldest first: those past the export's end too,
+    so that an export of a cut chain shows the records missing from it."""
     found = []
     sources = ([settings.AUDIT_ANCHOR_FILE] if settings.AUDIT_ANCHOR_FILE
                and Path(settings.AUDIT_ANCHOR_FILE).exists() else [])
@@ -403,7 +421,7 @@ def _stored_anchors(upto: int) -> list[dict]:
             log.warning("audit export: %s", exc)
             continue
         for _, anchor in anchors:
-            if (isinstance(anchor.get("seq"), int) and 1 <= anchor["seq"] <= upto
+            if (isinstance(anchor.get("seq"), int) and anchor["seq"] >= 1
                     and anchor.get("sig") not in seen and anchor_is_ours(anchor, public_key)):
                 seen.add(anchor["sig"])
                 found.append(anchor)
@@ -423,7 +441,7 @@ class AnchorTimer:
         self.interval = interval
         self.stop_event = threading.Event()
         self._last: tuple | None = None
-        self._last_failure = ""
+        self._failing = False
         self.thread = threading.Thread(target=self._run, name="berth-audit-anchor",
                                        daemon=True)
 
@@ -455,13 +473,17 @@ class AnchorTimer:
             return None
         if failed:
             self._failed("; ".join(failed))
+        else:
+            self._failing = False
         self._last = (anchor["seq"], anchor["mac"])
         return anchor
 
     def _failed(self, reason: str) -> None:
         log.warning("audit anchor: %s", reason)
-        if reason != self._last_failure:  # once per distinct reason, not every tick
-            self._last_failure = reason
+        # One record per run of failures, not one per tick: the record itself moves
+        # the head, and a broken chain stays broken until someone looks.
+        if not self._failing:
+            self._failing = True
             audit.record("audit.anchor", actor=audit.Actor.system("anchor timer"),
                          target="audit-chain", outcome=Outcome.FAILED,
                          details={"reason": reason[:500]})

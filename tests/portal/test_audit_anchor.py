@@ -167,6 +167,22 @@ def test_a_cut_chain_is_not_anchored_either(anchor_files):
         call_command("audit", "anchor")
 
 
+@pytest.mark.parametrize("new_process", [False, True])
+def test_a_rolled_back_head_is_never_anchored_and_the_timer_records_the_cut(anchor_files,
+                                                                            new_process):
+    timer = audit_anchor.AnchorTimer(interval=3600)
+    write_records(10)
+    assert timer.tick()["seq"] == 10
+    cut_tail(7)
+    if new_process:
+        audit_anchor.forget_verified()  # it learns the anchored head from the anchor file
+    for _ in range(5):  # its own failure record moves the head: still nothing signed
+        assert timer.tick() is None
+    failure = AuditRecord.objects.get(action="audit.anchor", outcome="failed")
+    assert failure.details["reason"].startswith("records 8..10 are missing")
+    assert [a["seq"] for a in anchors_in(anchor_files / "anchors.jsonl")] == [10]
+
+
 def test_anchors_go_to_syslog_when_configured(anchor_files, settings):
     receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     receiver.bind(("127.0.0.1", 0))
@@ -254,7 +270,7 @@ def test_an_anchor_whose_record_was_replaced_is_not_taken_as_the_starting_point(
     AuditRecord.objects.filter(seq=5).update(mac="f" * 64)
     AuditHead.objects.filter(id=1).update(mac="f" * 64)
     audit_anchor.forget_verified()
-    with pytest.raises(audit_anchor.AnchorError, match="broken at record 5"):
+    with pytest.raises(audit_anchor.AnchorError, match="record 5 no longer carries the MAC"):
         audit_anchor.anchor_now()
 
 

@@ -17,7 +17,7 @@ from portal.audit_verifier import (
     parse_public_key,
     verify_export,
 )
-from portal.models import AuditRecord
+from portal.models import AuditHead, AuditRecord
 from tests.support.server import ROOT
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -193,6 +193,24 @@ def test_a_chain_broken_in_the_database_gives_an_export_that_fails(tmp_path, pub
     with pytest.raises(CommandError, match="broken"):
         call_command("audit", "export", str(path))
     refused(path, public_key, "the portal says: audit chain broken")
+
+
+def test_an_export_of_a_cut_chain_fails_and_names_the_missing_records(tmp_path, public_key):
+    """The portal takes an export after someone cut its tail and rolled the head back:
+    it must not sign the shorter chain as complete."""
+    write_records(10)
+    call_command("audit", "anchor")
+    AuditRecord.objects.filter(seq__gt=7).delete()
+    AuditHead.objects.filter(id=1).update(seq=7, mac=AuditRecord.objects.get(seq=7).mac)
+    path = tmp_path / "cut.jsonl"
+    # Record 8 is now the export's own record: 9 and 10 are what is missing.
+    with pytest.raises(CommandError, match=r"records 9\.\.10 are missing"):
+        call_command("audit", "export", str(path))
+    refused(path, public_key, r"the portal says: records 9\.\.10 are missing")
+    # Without the portal's error line, the anchor it carries still shows the cut.
+    items = [i for i in lines_of(path) if i["type"] != "error"]
+    write_lines(path, items)
+    refused(path, public_key, r"records 9\.\.10 are missing: an anchor signed")
 
 
 def test_bad_input_fails_with_one_line(tmp_path, public_key):
