@@ -9,7 +9,6 @@ new version, and the chain runs on through it.
 import datetime as dt
 import hashlib
 import hmac
-import json
 from dataclasses import dataclass
 
 from django.conf import settings
@@ -17,17 +16,20 @@ from django.db import transaction
 from django.utils import timezone
 
 from portal.audit_keys import AuditKeyError, AuditKeyring, KeyVersion, covering
+from portal.audit_verifier import FIELDS, canonical_record, next_digest
 from portal.models import ActorKind, AuditHead, AuditRecord, Outcome
 
-FIELDS = ("seq", "time", "actor_kind", "actor", "action", "target", "outcome",
-          "source_ip", "details")
+
+def canonical_values(record: AuditRecord) -> dict:
+    """The record's fields as the chains cover them (time in UTC, microseconds)."""
+    values = {name: getattr(record, name) for name in FIELDS}
+    values["time"] = record.time.astimezone(dt.UTC).isoformat(timespec="microseconds")
+    return values
 
 
 def canonical(record: AuditRecord) -> bytes:
     """The exact bytes the MAC covers: fixed fields, sorted keys, UTC time."""
-    values = {name: getattr(record, name) for name in FIELDS}
-    values["time"] = record.time.astimezone(dt.UTC).isoformat(timespec="microseconds")
-    return json.dumps(values, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return canonical_record(canonical_values(record))
 
 
 def compute_mac(previous_mac: str, record: AuditRecord, key: bytes | None = None) -> str:
@@ -152,37 +154,82 @@ class Verification:
     count: int
     broken_seq: int | None = None
     reason: str = ""
+    # Where the intact chain ends: its last record's MAC and plain SHA-256 digest.
+    mac: str = ""
+    sha256: str = ""
 
 
-def verify_chain(batch_size=2000) -> Verification:
-    """Walk the chain in sequence order; report the first record that breaks it."""
-    previous_mac, expected_seq, count = "", 1, 0
+@dataclass(frozen=True)
+class ChainPoint:
+    """A position in the chain: record ``seq`` and both chains' values there."""
+    seq: int = 0
+    mac: str = ""
+    sha256: str = ""
+
+
+class ChainBroken(Exception):
+    def __init__(self, verification: Verification):
+        super().__init__(verification.reason)
+        self.verification = verification
+
+
+def walk_chain(start: ChainPoint = ChainPoint(), upto: int | None = None, batch_size=2000):
+    """Yield ``(record, ChainPoint)`` in sequence order after ``start``, each record's
+    MAC checked; raise ChainBroken at the first record that breaks the chain.
+
+    Pages by sequence number (no cursor held between pages), so a caller may
+    interleave the walk with streaming a response.
+    """
+    point = start
     try:
         versions, unusable = keyring().versions(), None
     except AuditKeyError as exc:  # reported at the first record that needs a key
         versions, unusable = [], exc
-    queryset = AuditRecord.objects.order_by("seq")
-    for entry in queryset.iterator(chunk_size=batch_size):
-        if entry.seq != expected_seq:
-            return Verification(False, count, expected_seq,
-                                f"record {expected_seq} is missing or out of order")
-        try:
-            if unusable:
-                raise unusable
-            mac = compute_mac(previous_mac, entry, covering(versions, entry.seq).key)
-        except AuditKeyError as exc:
-            return Verification(False, count, entry.seq, str(exc))
-        if not hmac.compare_digest(entry.mac, mac):
-            return Verification(False, count, entry.seq,
-                                f"record {entry.seq} does not match its MAC")
-        previous_mac, expected_seq, count = entry.mac, expected_seq + 1, count + 1
-    return _check_head(previous_mac, count)
+    while True:
+        page = AuditRecord.objects.order_by("seq")
+        if point.seq:  # from the start, rows numbered 0 or below are read too, and fail
+            page = page.filter(seq__gt=point.seq)
+        if upto is not None:
+            page = page.filter(seq__lte=upto)
+        rows = list(page[:batch_size])
+        if not rows:
+            return
+        for entry in rows:
+            expected = point.seq + 1
+            if entry.seq != expected:
+                raise ChainBroken(Verification(False, point.seq, expected,
+                                               f"record {expected} is missing or out of order"))
+            body = canonical(entry)
+            try:
+                if unusable:
+                    raise unusable
+                key = covering(versions, entry.seq).key
+            except AuditKeyError as exc:
+                raise ChainBroken(Verification(False, point.seq, entry.seq, str(exc))) from None
+            mac = hmac.new(key, point.mac.encode() + body, hashlib.sha256).hexdigest()
+            if not hmac.compare_digest(entry.mac, mac):
+                raise ChainBroken(Verification(False, point.seq, entry.seq,
+                                               f"record {entry.seq} does not match its MAC"))
+            point = ChainPoint(entry.seq, entry.mac, next_digest(point.sha256, body))
+            yield entry, point
 
 
-def _check_head(last_mac, count) -> Verification:
+def verify_chain(batch_size=2000) -> Verification:
+    """Walk the chain in sequence order; report the first record that breaks it."""
+    point = ChainPoint()
+    try:
+        for _, reached in walk_chain(batch_size=batch_size):
+            point = reached
+    except ChainBroken as exc:
+        return exc.verification
+    return _check_head(point)
+
+
+def _check_head(point: ChainPoint) -> Verification:
     head = AuditHead.objects.filter(id=1).first()
     head_seq, head_mac = (head.seq, head.mac) if head else (0, "")
-    if head_seq != count or not hmac.compare_digest(head_mac, last_mac):
+    count = point.seq
+    if head_seq != count or not hmac.compare_digest(head_mac, point.mac):
         return Verification(False, count, count + 1,
                             f"records after {count} were removed (chain head is at {head_seq})")
-    return Verification(True, count)
+    return Verification(True, count, mac=point.mac, sha256=point.sha256)

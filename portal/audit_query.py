@@ -81,6 +81,16 @@ async def export_csv(queryset):
         yield "".join(_csv_line([_csv_value(as_dict(r)[f]) for f in EXPORT_FIELDS]) for r in rows)
 
 
+async def export_chain(queryset=None):
+    """The whole chain with its plain SHA-256 digests and signed anchors
+    (portal/audit_verifier.py): filters do not apply, an auditor checks it all."""
+    from portal.audit_anchor import chain_export  # it imports the vault's storage lazily
+
+    chunks = chain_export()
+    while (chunk := await sync_to_async(next)(chunks, None)) is not None:
+        yield chunk
+
+
 def _csv_value(value):
     return json.dumps(value, sort_keys=True) if isinstance(value, dict) else value
 

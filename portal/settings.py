@@ -73,6 +73,18 @@ try:  # an unreadable keyring would fail every audited request: stop at start-up
     AuditKeyring(AUDIT_KEYRING, AUDIT_KEY)
 except AuditKeyError as exc:
     raise ImproperlyConfigured(str(exc)) from None
+# Audit anchors (portal/audit_anchor.py): the chain's head, signed with an Ed25519
+# key kept apart from the database and the audit key, written outside the database
+# so a cut tail shows. The key is created on first use (0600).
+AUDIT_ANCHOR_KEY = Path(env("AUDIT_ANCHOR_KEY", str(KEYS_DIR / "audit-anchor.key")))
+# Append-only file of anchors ("" = none); syslog ("" = none, a socket path such as
+# /dev/log, or host:port for UDP). With BERTH_VAULT_STORAGE=s3 each anchor is also an
+# object in the vault's bucket.
+AUDIT_ANCHOR_FILE = env("AUDIT_ANCHOR_FILE", str(DATA_DIR / "audit-anchors.jsonl"))
+AUDIT_ANCHOR_SYSLOG = env("AUDIT_ANCHOR_SYSLOG", "")
+# Each portal process anchors the head this often when it has moved (0 = never: run
+# `manage.py audit anchor` from a timer instead).
+AUDIT_ANCHOR_INTERVAL_SECONDS = env_int("AUDIT_ANCHOR_INTERVAL_SECONDS", 300)
 
 DEBUG = env_bool("DEBUG")
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "127.0.0.1,localhost,[::1]")
