@@ -394,6 +394,9 @@ class PrecopyMigration:
         self._t_pause = time.monotonic()  # the downtime starts here
         self.driver.pause(self.uuid)
         self._paused = True
+        # The bandwidth cap paces pre-copy only: the guest is paused now, and
+        # every paced second would be a second more of downtime.
+        self._chan.lift_cap()
 
     def _stop_and_copy(self) -> None:
         self._pause()

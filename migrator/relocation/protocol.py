@@ -150,6 +150,7 @@ class Channel:
         self.bytes_out = 0
         # The bandwidth cap (bytes/s; 0: none) on everything this side sends.
         self._bucket = TokenBucket(max_rate) if max_rate > 0 else None
+        self._unpaced = False
         self._head = bytearray(HEADER.size)
         self._small = bytearray(MAX_CONTROL)
         self._big: bytearray | None = None  # allocated on the first page frame
@@ -174,7 +175,7 @@ class Channel:
             for part in parts:
                 if not len(part):
                     continue
-                if self._bucket is None:
+                if self._bucket is None or self._unpaced:
                     self.sock.sendall(part)
                     self.bytes_out += len(part)
                     continue
@@ -182,6 +183,12 @@ class Channel:
                     self._bucket.take(len(piece))
                     self.sock.sendall(piece)
                     self.bytes_out += len(piece)
+
+    def lift_cap(self) -> None:
+        """Send the rest unpaced (any thread; from the next piece on): once the
+        guest is paused, pacing would only lengthen its downtime - QEMU, too,
+        sends what is left after the pause at full speed."""
+        self._unpaced = True
 
     # -- receiving ----------------------------------------------------------
     def recv(self, *, timeout: float | None = None, stop: threading.Event | None = None,
