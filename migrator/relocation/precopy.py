@@ -500,6 +500,9 @@ class PrecopyMigration:
     def _send_abort(self, reason: str) -> None:
         # Best effort: the destination discards on a dropped link anyway.
         if self._chan is not None:
+            # A frame being paced holds the channel (seconds, under a low cap):
+            # finish it at once, so ABORT follows it within try_send_json's wait.
+            self._chan.lift_cap()
             self._chan.try_send_json(Msg.ABORT, {"reason": reason[:1000]}, timeout=2.0)
 
     def _rollback_local(self) -> None:

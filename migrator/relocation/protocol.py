@@ -180,14 +180,16 @@ class Channel:
                     self.bytes_out += len(part)
                     continue
                 for piece in self._bucket.pieces(part):
-                    self._bucket.take(len(piece))
+                    if not self._unpaced:  # lifted mid-frame: the rest goes at once
+                        self._bucket.take(len(piece))
                     self.sock.sendall(piece)
                     self.bytes_out += len(piece)
 
     def lift_cap(self) -> None:
         """Send the rest unpaced (any thread; from the next piece on): once the
         guest is paused, pacing would only lengthen its downtime - QEMU, too,
-        sends what is left after the pause at full speed."""
+        sends what is left after the pause at full speed - and a frame being
+        paced when a migration stops must not hold back its ABORT."""
         self._unpaced = True
 
     # -- receiving ----------------------------------------------------------

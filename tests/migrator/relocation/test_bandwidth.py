@@ -103,3 +103,31 @@ def test_a_cap_well_below_the_dirty_rate_ends_by_a_limit_and_one_copy_survives(
     assert source.list() == []
     assert [g.uuid for g in dest.driver.list()] == [guest.uuid]
     assert dest.driver.get(guest.uuid).active
+
+
+def test_an_abort_under_a_low_cap_is_prompt_and_the_destination_hears_it(
+        source, destination, pki):
+    """A sender pacing a 4 MiB frame at 1 MB/s holds the channel for 4 s: the
+    abort must neither wait for it nor leave the destination guessing."""
+    dest = destination()
+    guest = web_guest(source, mib=16)
+    dest.tickets.expect(TICKET, guest.uuid, "hostb")
+    engine = migration(source, guest.uuid, dest.port, pki, max_bandwidth_mbps=1)
+    thread = threading.Thread(target=engine.run)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while engine._chan is None or engine._chan.bytes_out < 1_000_000:
+        assert time.monotonic() < deadline, "pre-copy never started"
+        time.sleep(0.01)
+    asked = time.monotonic()
+    assert engine.abort("operator said so")
+    thread.join(10)
+    took = time.monotonic() - asked
+    assert engine.result["state"] == "aborted", engine.result
+    assert took < 1.0, took
+    assert source.get(guest.uuid).active
+    deadline = time.monotonic() + 5
+    while not dest.kinds("discarded"):
+        assert time.monotonic() < deadline, "the destination kept the guest"
+        time.sleep(0.01)
+    assert "the source aborted: operator said so" in dest.kinds("discarded")[0]["reason"]
