@@ -3,6 +3,7 @@ from django.core.validators import RegexValidator
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from migrator.migration import BANDWIDTH_HINT, MAX_BANDWIDTH_MBPS
 from migrator.models import Guest, Host
 from migrator.pki import HOST_NAME_RE
 from migrator.relocation.verify import VERIFY_MODES
@@ -61,6 +62,13 @@ class MigrateRequestSerializer(serializers.Serializer):
         help_text="the commit check: sampled (default; pages of actual memory), "
                   "incremental (every page sent, during pre-copy) or full (SHA-256 of "
                   "all memory, inside the downtime)")
+    max_bandwidth_mbps = serializers.IntegerField(
+        min_value=1, max_value=MAX_BANDWIDTH_MBPS, required=False,
+        error_messages={key: BANDWIDTH_HINT for key in ("invalid", "null", "min_value",
+                                                         "max_value", "max_string_length")},
+        help_text="the bandwidth cap in MB/s (10**6 bytes/s) on the wire, for QEMU's stream "
+                  "and the relocation channel alike; absent: "
+                  "BERTH_MIGRATION_MAX_BANDWIDTH_MBPS (0 there: no cap)")
 
 
 class ResolveRequestSerializer(serializers.Serializer):

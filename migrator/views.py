@@ -72,8 +72,13 @@ def guest_migrate(request, uuid):
         if verify not in (None, *VERIFY_MODES):
             messages.error(request, f"Unknown commit check {verify!r}.")
             return redirect("guest-migrate", uuid=uuid)
+        try:
+            cap = migration.bandwidth_cap(request.POST.get("max_bandwidth_mbps"))
+        except ValueError as exc:
+            messages.error(request, f"{str(exc)[:1].upper()}{str(exc)[1:]}.")
+            return redirect("guest-migrate", uuid=uuid)
         job = _run(request, migration.request_migrate, uuid, request.POST.get("destination", ""),
-                   live=live, verify=verify)
+                   live=live, verify=verify, max_bandwidth_mbps=cap)
         return redirect("job", pk=job.id) if job else redirect("guest-migrate", uuid=uuid)
     destinations = Host.objects.exclude(id=guest.host_id).filter(revoked_at__isnull=True)
     chosen = destinations.filter(name=request.GET.get("destination", "")).first()
@@ -82,7 +87,9 @@ def guest_migrate(request, uuid):
         "guest": guest, "destinations": destinations, "chosen": chosen, "checks": checks,
         "all_ok": bool(checks) and all(ok for _, ok, _ in checks),
         "can_migrate": access.can_operate(request, "migrate"),
-        "verify_default": settings.MIGRATION_VERIFY})
+        "verify_default": settings.MIGRATION_VERIFY,
+        "bandwidth_default": settings.MIGRATION_MAX_BANDWIDTH_MBPS,
+        "bandwidth_max": migration.MAX_BANDWIDTH_MBPS})
 
 
 @vault_access.image_login_required("restore")

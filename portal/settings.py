@@ -364,6 +364,12 @@ MIGRATION_AUTO_CONVERGE = env_bool("MIGRATION_AUTO_CONVERGE", True)
 MIGRATION_MAX_SECONDS = env_int("MIGRATION_MAX_SECONDS", 600)
 # The commit check (docs/relocation-protocol.md, section 5): sampled | incremental | full.
 MIGRATION_VERIFY = env_choice("MIGRATION_VERIFY", "sampled", ("sampled", "incremental", "full"))
+# The bandwidth cap of a live migration, MB/s (10**6 bytes/s) on the wire; 0: none.
+# Per migration: max_bandwidth_mbps, 1..100000 (migrator.migration.MAX_BANDWIDTH_MBPS).
+MIGRATION_MAX_BANDWIDTH_MBPS = env_int("MIGRATION_MAX_BANDWIDTH_MBPS", 0)
+if not 0 <= MIGRATION_MAX_BANDWIDTH_MBPS <= 100_000:
+    raise ImproperlyConfigured("BERTH_MIGRATION_MAX_BANDWIDTH_MBPS must be 0 (no cap) to "
+                               f"100000 MB/s, not {MIGRATION_MAX_BANDWIDTH_MBPS}")
 
 # --- static files -------------------------------------------------------------
 STATIC_URL = "static/"

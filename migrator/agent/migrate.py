@@ -105,7 +105,9 @@ class MigrateJob(Job):
                 max_precopy_s=float(params.get("max_seconds", 0)),
                 auto_converge=bool(params.get("auto_converge", False)),
                 live=bool(params.get("live", True)),
-                verify=str(params.get("verify", "sampled")))
+                verify=str(params.get("verify", "sampled")),
+                # MB/s on the wire; absent (an older portal) or 0: no cap.
+                max_bandwidth_mbps=float(params.get("max_bandwidth_mbps") or 0))
         except (TypeError, ValueError) as exc:
             raise BadCommand(f"migrate parameters: {exc}") from None
         self.engine: PrecopyMigration | None = None

@@ -655,6 +655,11 @@ class QemuDriver(HypervisorDriver):
     def migration_parameters(self, uuid: str, parameters: dict[str, Any]) -> None:
         self._qmp(self._guest(uuid), "migrate-set-parameters", parameters)
 
+    def query_migration_parameters(self, uuid: str) -> dict[str, Any]:
+        """QEMU's ``query-migrate-parameters``: what its migration runs with now
+        (``max-bandwidth`` in bytes/s, ``downtime-limit`` …)."""
+        return self._qmp(self._guest(uuid), "query-migrate-parameters") or {}
+
     def migration_status(self, uuid: str) -> dict[str, Any]:
         """QEMU's ``query-migrate`` for this guest ({} if none ran)."""
         return self._qmp(self._guest(uuid), "query-migrate") or {}

@@ -60,3 +60,24 @@ def test_non_live_migration_pauses_copies_once_and_resumes_on_the_destination(de
         lambda: (g := deployment.guest("ubuntu_fuwa_nfs_domu"))["host"] == "hostc" and g,
         "the guest on hostc")
     assert after["uuid"] == before["uuid"] and after["state"] == "running"
+
+
+def test_a_capped_migration_keeps_under_its_cap_and_says_so_in_its_record(deployment):
+    cap = 64  # MB/s
+    before = deployment.guest("ubuntu_fuwa_nfs_domu")
+    response = deployment.api.post(f"/api/v1/guests/{before['uuid']}/migrate",
+                                   json={"destination": "hostc", "max_bandwidth_mbps": cap})
+    assert response.status_code == 202, response.text
+    assert response.json()["parameters"]["max_bandwidth_mbps"] == cap
+    job = deployment.finished(response.json()["id"])
+    assert job["state"] == "succeeded", job
+    result = job["result"]
+    assert result["max_bandwidth_mbps"] == cap  # the final record, from the source agent
+    precopy_bytes = job["rounds"][-1]["bytes_sent"]
+    print(f"\n{precopy_bytes} bytes of pre-copy in {result['total_time_s']} s, rounds "
+          + ", ".join(f"{r['bandwidth_mbps']}" for r in job["rounds"]))
+    assert result["total_time_s"] >= 0.9 * precopy_bytes / (cap * 1e6)
+    assert all(r["bandwidth_mbps"] <= cap * 1.07 for r in job["rounds"]
+               if r["round_bytes"] >= 1 << 20), job["rounds"]
+    deployment.wait_for(
+        lambda: deployment.guest("ubuntu_fuwa_nfs_domu")["host"] == "hostc", "the guest on hostc")
