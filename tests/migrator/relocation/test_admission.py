@@ -5,7 +5,6 @@ and a destination that is really busy says so."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import socket
 import ssl
@@ -13,40 +12,9 @@ import time
 
 import pytest
 
+from tests.support.strangers import ATTACKER, client_hello, closed_by_server, hold, stranger
+
 from .conftest import TICKET, migration, web_guest
-
-ATTACKER = "127.0.0.2"  # the source host connects from 127.0.0.1: another address
-
-
-def client_hello(pki) -> bytes:
-    """The first flight of a real TLS 1.3 client (its ClientHello)."""
-    obj = pki["hostb"].client().wrap_bio(ssl.MemoryBIO(), out := ssl.MemoryBIO())
-    with contextlib.suppress(ssl.SSLWantReadError):
-        obj.do_handshake()
-    return out.read()
-
-
-def stranger(port: int, address: str = ATTACKER, send: bytes = b"") -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=5,
-                                    source_address=(address, 0))
-    if send:
-        sock.sendall(send)
-    return sock
-
-
-def closed_by_server(sock: socket.socket, wait: float = 0.0) -> bool:
-    """True once the server has closed this connection (EOF, reset, or a TLS
-    alert followed by EOF); False if it is still open after ``wait``."""
-    sock.settimeout(max(wait, 0.001))
-    try:
-        while True:
-            data = sock.recv(65536)
-            if not data:
-                return True
-    except TimeoutError:
-        return False
-    except OSError:
-        return True
 
 
 def wait_until(check, timeout: float = 5.0, what: str = "the condition") -> None:
@@ -56,7 +24,7 @@ def wait_until(check, timeout: float = 5.0, what: str = "the condition") -> None
         time.sleep(0.01)
 
 
-def timed_migration(source, destination, pki, **server) -> tuple[dict, float]:
+def timed_migration(source, destination, pki) -> tuple[dict, float]:
     guest = web_guest(source)
     destination.tickets.expect(TICKET, guest.uuid, "hostb")
     t = time.monotonic()
@@ -65,7 +33,7 @@ def timed_migration(source, destination, pki, **server) -> tuple[dict, float]:
 
 
 def test_a_migration_succeeds_while_one_address_holds_64_idle_and_64_slow_handshakes(
-        source, destination, drivers, pki, caplog):
+        source, destination, pki, caplog):
     caplog.set_level(logging.INFO, logger="berth.relocation")
     # Without the attack first, on a destination of its own: the reference figure.
     calm = destination()
@@ -73,9 +41,7 @@ def test_a_migration_succeeds_while_one_address_holds_64_idle_and_64_slow_handsh
     assert result["state"] == "succeeded", result
 
     dest = destination()
-    half = client_hello(pki)[:60]  # record header and part of the ClientHello, then silence
-    held = [stranger(dest.port) for _ in range(64)]
-    held += [stranger(dest.port, send=half) for _ in range(64)]
+    held = hold(dest.port, idle=64, slow=64)
     try:
         result, attacked_s = timed_migration(source, dest, pki)
         assert result["state"] == "succeeded", result
@@ -92,9 +58,9 @@ def test_a_migration_succeeds_while_one_address_holds_64_idle_and_64_slow_handsh
           f"from {ATTACKER}")
 
 
-def test_a_handshake_dripped_a_byte_at_a_time_is_cut_at_its_deadline(destination, pki):
+def test_a_handshake_dripped_a_byte_at_a_time_is_cut_at_its_deadline(destination):
     dest = destination(handshake_timeout=1.0)
-    hello = client_hello(pki)
+    hello = client_hello()
     t = time.monotonic()
     sock = stranger(dest.port)
     try:
