@@ -145,6 +145,7 @@ class FrontDoor:
         self._strangers: collections.OrderedDict[_Stranger, None] = collections.OrderedDict()
         self._by_key: dict[str, collections.OrderedDict[_Stranger, None]] = {}
         self._busy: collections.OrderedDict[_Stranger, None] = collections.OrderedDict()
+        self._accept_failed = -REPORT_WINDOW  # when accept() last failed (logged once a window)
 
     def held(self) -> int:
         """Unauthenticated connections held now (for tests and the curious)."""
@@ -161,12 +162,17 @@ class FrontDoor:
                     if queue:
                         wait = min(wait, max(next(iter(queue)).deadline - now, 0.0))
                 for key, _ in self._selector.select(wait):
-                    if key.data is None:
-                        self._accept()
-                    elif key.data.busy:
-                        self._linger(key.data)
-                    else:
-                        self._handshake(key.data)
+                    try:
+                        if key.data is None:
+                            self._accept()
+                        elif key.data.busy:
+                            self._linger(key.data)
+                        else:
+                            self._handshake(key.data)
+                    except Exception:  # noqa: BLE001 - one bad connection must not close the port
+                        log.exception("relocation front door: unexpected error")
+                        if key.data is not None:
+                            self._drop(key.data)
                 self._expire(time.monotonic())
         finally:
             for item in list(self._strangers) + list(self._busy):
@@ -183,7 +189,11 @@ class FrontDoor:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # out of descriptors, a reset before accept...
-                log.warning("relocation accept failed: %s", exc)
+                now = time.monotonic()
+                if now - self._accept_failed >= REPORT_WINDOW:
+                    self._accept_failed = now
+                    log.warning("relocation accept failed: %s", exc)
+                time.sleep(0.05)  # the listener stays readable: do not spin on it
                 return
             address = str(addr[0])
             item = _Stranger(None, address, address_key(address),  # type: ignore[arg-type]

@@ -289,6 +289,14 @@ class PrecopyMigration:
             # Identity before a single byte of the guest leaves this host.
             expected_peer(tls, self.dest_host)
             check_not_revoked(tls, self.revoked)
+        except (ssl.SSLEOFError, ConnectionResetError) as exc:
+            # Cut before any certificate was judged: the destination's front
+            # door closes unauthenticated connections it has no room for.
+            (tls or sock).close()
+            raise MigrationError("reservation", f"{self.dest_host} closed the connection "
+                                 "during the TLS handshake, before any certificate was "
+                                 "checked (its relocation port may be overloaded): "
+                                 f"{describe_error(exc)}") from None
         except (OSError, PeerIdentityError) as exc:
             (tls or sock).close()
             raise MigrationError("reservation", f"cannot authenticate {self.dest_host}: "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import threading
 import time
 
 import pytest
@@ -161,3 +162,22 @@ def test_a_freed_slot_takes_the_next_migration(source, destination, pki):
 def test_one_ipv6_slash_64_counts_as_one_address(address, key):
     from migrator.relocation.admission import address_key
     assert address_key(address) == key
+
+
+def test_a_handshake_cut_by_the_destination_is_not_reported_as_failed_authentication(
+        source, pki):
+    # What a source sees when the destination's front door closes its
+    # connection to make room: EOF in the middle of the handshake.
+    guest = web_guest(source)
+    with socket.create_server(("127.0.0.1", 0)) as door:
+        engine = migration(source, guest.uuid, door.getsockname()[1], pki)
+        done = threading.Thread(target=engine.run)
+        done.start()
+        conn, _ = door.accept()
+        conn.recv(4096)  # the ClientHello...
+        conn.close()     # ...and no room for it
+        done.join(10)
+    result = engine.result
+    assert result["state"] == "failed" and result["stage"] == "reservation"
+    assert "hostc closed the connection during the TLS handshake" in result["reason"]
+    assert "authenticate" not in result["reason"]
