@@ -181,3 +181,23 @@ def test_a_handshake_cut_by_the_destination_is_not_reported_as_failed_authentica
     assert result["state"] == "failed" and result["stage"] == "reservation"
     assert "hostc closed the connection during the TLS handshake" in result["reason"]
     assert "authenticate" not in result["reason"]
+
+
+def test_a_flood_of_strangers_is_reported_once_then_counted(destination, caplog):
+    caplog.set_level(logging.INFO, logger="berth.relocation")
+    dest = destination()
+    flood = [stranger(dest.port) for _ in range(40)]  # 32 past the cap of 8 per address
+    try:
+        wait_until(lambda: sum(closed_by_server(s) for s in flood) == 32,
+                   what="32 connections to be closed")
+        assert len(dest.kinds("refused")) == 1  # not one per connection
+        dest.server.stop()  # the count so far is reported when the port closes
+    finally:
+        for sock in flood:
+            sock.close()
+    first, summary = dest.kinds("refused")
+    assert first["stage"] == summary["stage"] == "connect"
+    assert first["address"] == summary["address"] == ATTACKER
+    assert summary["reason"].startswith("31 more unauthenticated connections from 127.0.0.2")
+    lines = [r.getMessage() for r in caplog.records if "relocation refused" in r.getMessage()]
+    assert len(lines) == 2
