@@ -147,10 +147,6 @@ class FrontDoor:
         self._busy: collections.OrderedDict[_Stranger, None] = collections.OrderedDict()
         self._accept_failed = -REPORT_WINDOW  # when accept() last failed (logged once a window)
 
-    def held(self) -> int:
-        """Unauthenticated connections held now (for tests and the curious)."""
-        return len(self._strangers)
-
     def run(self, stop) -> None:
         self.listener.setblocking(False)
         self._selector.register(self.listener, selectors.EVENT_READ, None)
