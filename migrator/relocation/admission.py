@@ -94,8 +94,8 @@ class _Stranger:
 class _Reports:
     """Refusals of strangers, at most one report per address and window."""
 
-    def __init__(self, refuse: Refuse, window: float = REPORT_WINDOW):
-        self._refuse, self._window = refuse, window
+    def __init__(self, refuse: Refuse):
+        self._refuse, self._window = refuse, REPORT_WINDOW
         self._since: dict[str, float] = {}             # key -> start of its window
         self._counts: collections.Counter[str] = collections.Counter()  # not yet reported
         self._address: dict[str, str] = {}

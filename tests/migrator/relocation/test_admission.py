@@ -201,3 +201,24 @@ def test_a_flood_of_strangers_is_reported_once_then_counted(destination, caplog)
     assert summary["reason"].startswith("31 more unauthenticated connections from 127.0.0.2")
     lines = [r.getMessage() for r in caplog.records if "relocation refused" in r.getMessage()]
     assert len(lines) == 2
+
+
+def test_the_count_of_a_flood_is_reported_when_its_window_ends(destination, monkeypatch):
+    from migrator.relocation import admission
+    monkeypatch.setattr(admission, "REPORT_WINDOW", 0.5)
+    dest = destination(max_unauthenticated_per_address=2)
+    flood = [stranger(dest.port) for _ in range(6)]  # 4 closed to make room
+
+    def accounted() -> int:  # refusals reported one by one, plus those counted
+        return sum(int(e["reason"].split()[0]) if " more " in e["reason"] else 1
+                   for e in dest.kinds("refused"))
+
+    try:
+        wait_until(lambda: accounted() == 4, what="every closed connection to be accounted")
+    finally:
+        for sock in flood:
+            sock.close()
+    refused = dest.kinds("refused")
+    assert len(refused) < 4  # counted, not one line each, and without stopping the server
+    assert any(e["reason"].endswith("(handshake deadline, caps, or failed handshakes)")
+               for e in refused)
