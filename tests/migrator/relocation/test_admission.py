@@ -59,6 +59,39 @@ def test_a_migration_succeeds_while_one_address_holds_64_idle_and_64_slow_handsh
           f"from {ATTACKER}")
 
 
+def test_a_migration_succeeds_while_one_address_keeps_opening_connections(
+        source, destination, pki):
+    dest = destination()
+    half = client_hello()[:60]
+    stop, opened = threading.Event(), [0]
+
+    def flood() -> None:  # as fast as it can, 128 open at a time, half of them stalled
+        held: list[socket.socket] = []
+        try:
+            while not stop.is_set():
+                try:
+                    held.append(stranger(dest.port, send=half if opened[0] % 2 else b""))
+                except OSError:
+                    continue
+                opened[0] += 1
+                if len(held) > 128:
+                    held.pop(0).close()
+        finally:
+            for sock in held:
+                sock.close()
+
+    attacker = threading.Thread(target=flood)
+    attacker.start()
+    try:
+        wait_until(lambda: opened[0] >= 256, what="the flood to be under way")
+        result, took = timed_migration(source, dest, pki)
+    finally:
+        stop.set()
+        attacker.join(10)
+    assert result["state"] == "succeeded", result
+    print(f"\nmigrated in {took * 1000:.0f} ms; the attacker opened {opened[0]} connections")
+
+
 def test_a_handshake_dripped_a_byte_at_a_time_is_cut_at_its_deadline(destination):
     dest = destination(handshake_timeout=1.0)
     hello = client_hello()
