@@ -69,6 +69,12 @@ class RelocationConfig:
     cert: str = ""
     key: str = ""
     ca: str = ""
+    # The front door (docs/relocation-protocol.md, section 1): what a peer
+    # without a certificate may hold, and the slots of authenticated ones.
+    handshake_timeout: float = 5.0
+    max_connections: int = 8
+    max_unauthenticated: int = 64
+    max_unauthenticated_per_address: int = 8
 
 
 @dataclass(frozen=True)
@@ -179,14 +185,25 @@ def _portal(t: dict[str, Any]) -> PortalConfig:
 
 
 def _relocation(t: dict[str, Any]) -> RelocationConfig:
-    _known(t, "relocation", {"address", "port", "hosts_allow", "cert", "key", "ca"})
+    _known(t, "relocation", {"address", "port", "hosts_allow", "cert", "key", "ca",
+                             "handshake_timeout", "max_connections", "max_unauthenticated",
+                             "max_unauthenticated_per_address"})
     return RelocationConfig(
         address=_str(t, "relocation.address", "address", default="127.0.0.1"),
         port=_int(t, "relocation.port", "port", low=1, high=65535, default=8002),
         hosts_allow=_strs(t, "relocation.hosts_allow", "hosts_allow"),
         cert=_str(t, "relocation.cert", "cert", default=""),
         key=_str(t, "relocation.key", "key", default=""),
-        ca=_str(t, "relocation.ca", "ca", default=""))
+        ca=_str(t, "relocation.ca", "ca", default=""),
+        handshake_timeout=_seconds(t, "relocation.handshake_timeout", "handshake_timeout",
+                                   high=60.0, default=5.0),
+        max_connections=_int(t, "relocation.max_connections", "max_connections", low=1,
+                             high=1024, default=8),
+        max_unauthenticated=_int(t, "relocation.max_unauthenticated", "max_unauthenticated",
+                                 low=1, high=65536, default=64),
+        max_unauthenticated_per_address=_int(
+            t, "relocation.max_unauthenticated_per_address",
+            "max_unauthenticated_per_address", low=1, high=65536, default=8))
 
 
 def _guest(t: dict[str, Any], where: str, driver: str) -> GuestConfig:
@@ -313,6 +330,16 @@ def _int(t: dict[str, Any], name: str, key: str, *, low: int, high: int | None =
         bounds = f"{low}..{high}" if high is not None else f">= {low}"
         raise ConfigError(f"{name}: {value} is out of range ({bounds})")
     return value
+
+
+def _seconds(t: dict[str, Any], name: str, key: str, *, high: float,
+             default: Any = _MISSING) -> float:
+    value = _get(t, name, key, default)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise ConfigError(f"{name}: must be a number of seconds")
+    if not 0 < value <= high:
+        raise ConfigError(f"{name}: {value} is out of range (0 < seconds <= {high:g})")
+    return float(value)
 
 
 def _strs(t: dict[str, Any], name: str, key: str) -> tuple[str, ...]:

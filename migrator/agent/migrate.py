@@ -42,7 +42,10 @@ class RelocationEndpoint:
                               storage=tuple(host.storage), disk_free_gib=host.disk_gib),
             tls.server_context(reloc.cert, reloc.key, reloc.ca),
             tls.AllowList(reloc.hosts_allow), self.tickets, self._on_event,
-            address=reloc.address, port=reloc.port, host_name=host.name)
+            address=reloc.address, port=reloc.port, host_name=host.name,
+            handshake_timeout=reloc.handshake_timeout, max_connections=reloc.max_connections,
+            max_unauthenticated=reloc.max_unauthenticated,
+            max_unauthenticated_per_address=reloc.max_unauthenticated_per_address)
 
     def start(self) -> int:
         # In-doubt guests recorded before a restart are held again, so the

@@ -267,12 +267,21 @@ class PrecopyMigration:
         # The destination populates the container before answering: allow
         # for it (a few seconds per GiB at worst).
         wait = self.settings.io_timeout + 5.0 * info.memory_mib / 1024
-        msg, body = self._chan.recv_json({Msg.RESERVED, Msg.REFUSED}, timeout=wait,
-                                         stop=self._abort)
+        self._dest_domid = self._reservation_answer(wait).get("domid")
+
+    def _reservation_answer(self, wait: float) -> dict[str, Any]:
+        """RESERVED's body; REFUSED or BUSY end the migration with the reason."""
+        msg, body = self._chan.recv_json({Msg.RESERVED, Msg.REFUSED, Msg.BUSY},
+                                         timeout=wait, stop=self._abort)
+        if msg is Msg.BUSY:
+            # Authenticated, but every migration slot there is taken: a
+            # moment's condition of the destination, not a trust problem.
+            raise MigrationError("reservation", f"{self.dest_host}'s relocation port is "
+                                 f"busy ({body.get('reason')}); try again later")
         if msg is Msg.REFUSED:
             raise MigrationError("reservation", f"{self.dest_host} refused "
                                  f"({body.get('stage')}): {body.get('reason')}")
-        self._dest_domid = body.get("domid")
+        return body
 
     def _connect(self) -> Channel:
         s = self.settings
@@ -288,6 +297,14 @@ class PrecopyMigration:
             # Identity before a single byte of the guest leaves this host.
             expected_peer(tls, self.dest_host)
             check_not_revoked(tls, self.revoked)
+        except (ssl.SSLEOFError, ConnectionResetError) as exc:
+            # Cut before any certificate was judged: the destination's front
+            # door closes unauthenticated connections it has no room for.
+            (tls or sock).close()
+            raise MigrationError("reservation", f"{self.dest_host} closed the connection "
+                                 "during the TLS handshake, before any certificate was "
+                                 "checked (its relocation port may be overloaded): "
+                                 f"{describe_error(exc)}") from None
         except (OSError, PeerIdentityError) as exc:
             (tls or sock).close()
             raise MigrationError("reservation", f"cannot authenticate {self.dest_host}: "

@@ -48,6 +48,7 @@ class Msg(enum.IntEnum):
     HELLO = 0x01       # source -> destination, JSON: ticket + guest + reservation request
     RESERVED = 0x02    # destination -> source, JSON
     REFUSED = 0x03     # destination -> source, JSON {stage, reason}; connection then closes
+    BUSY = 0x04        # destination -> source, JSON {reason}: every migration slot is taken
     PAGES = 0x10       # source -> destination, binary page batch
     SYNC = 0x11        # source -> destination and echoed back, JSON {round}
     VCPU = 0x12        # source -> destination, binary vCPU blob (guest is paused)

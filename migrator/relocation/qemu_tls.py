@@ -116,11 +116,7 @@ class QemuMigration(PrecopyMigration):
             "virt_features": list(host.virt_features),
             "guest": {"uuid": info.uuid, "name": info.name, "memory_mib": info.memory_mib,
                       "vcpus": info.vcpus, "config": info.config}})
-        msg, body = self._chan.recv_json({Msg.RESERVED, Msg.REFUSED},
-                                         timeout=self.settings.io_timeout, stop=self._abort)
-        if msg is Msg.REFUSED:
-            raise MigrationError("reservation", f"{self.dest_host} refused "
-                                 f"({body.get('stage')}): {body.get('reason')}")
+        body = self._reservation_answer(self.settings.io_timeout)
         self._dest_domid = body.get("domid")
         try:
             self._qemu_port = int(body["qemu"]["port"])

@@ -166,6 +166,11 @@ DELETE = object()
     ("portal.credential", "", "portal.credential: must not be empty"),
     ("portal.ca", "/no/such/ca.pem", "portal.ca: CA file '/no/such/ca.pem' not found"),
     ("relocation.port", 70000, "relocation.port: 70000 is out of range (1..65535)"),
+    ("relocation.handshake_timeout", 0, "relocation.handshake_timeout: 0 is out of range"),
+    ("relocation.handshake_timeout", "5s", "relocation.handshake_timeout: must be a number"),
+    ("relocation.max_connections", 0, "relocation.max_connections: 0 is out of range"),
+    ("relocation.max_unauthenticated_per_address", 0,
+     "relocation.max_unauthenticated_per_address: 0 is out of range"),
     ("guests.0.uuid", "not-a-uuid", "guests[0].uuid: 'not-a-uuid' is not a UUID"),
     ("guests.0.ip", "300.1.1.1", "guests[0].ip: '300.1.1.1' is not an IP address"),
     ("guests.0.vcpus", 65, "guests[0].vcpus: 65 is out of range (1..64)"),
@@ -210,3 +215,16 @@ def test_optional_sections_default(example):
     del data["relocation"], data["guests"]
     config = parse_config(data)
     assert config.relocation.port == 8002 and config.guests == ()
+    # A stranger's handshake gets 5 s; 64 strangers, 8 from one address; 8 migrations.
+    reloc = config.relocation
+    assert (reloc.handshake_timeout, reloc.max_unauthenticated,
+            reloc.max_unauthenticated_per_address, reloc.max_connections) == (5.0, 64, 8, 8)
+
+
+def test_the_relocation_front_door_is_configurable(example):
+    data = _data(example)
+    data["relocation"] |= {"handshake_timeout": 2.5, "max_connections": 2,
+                           "max_unauthenticated": 16, "max_unauthenticated_per_address": 4}
+    reloc = parse_config(data).relocation
+    assert (reloc.handshake_timeout, reloc.max_connections, reloc.max_unauthenticated,
+            reloc.max_unauthenticated_per_address) == (2.5, 2, 16, 4)
