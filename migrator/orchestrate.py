@@ -11,7 +11,7 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from migrator import access, credentials, progress
-from migrator.models import Guest, Host, Job, JobCredential, JobKind, JobState
+from migrator.models import ClaimConflict, Guest, Host, Job, JobCredential, JobKind, JobState
 from portal import audit
 from portal.models import Outcome
 from vault import access as vault_access
@@ -70,10 +70,22 @@ def _online_host(request, action, target, host):
 
 
 def _not_busy(request, action, target, guest_uuid):
+    _not_in_conflict(request, action, target, guest_uuid)
     busy = Job.objects.filter(guest_uuid=guest_uuid, state__in=IN_FLIGHT).first()
     if busy:
         _refuse(request, action, target, 409, "guest_busy",
                 f"The guest is busy with a {busy.kind} job ({busy.id}).")
+
+
+def _not_in_conflict(request, action, target, guest_uuid):
+    """A host claims this guest against the portal's record (migrator.claims): until an
+    admin resolves it, no job may act on what could be the wrong copy."""
+    conflict = ClaimConflict.objects.filter(guest_id=guest_uuid, state=ClaimConflict.OPEN
+                                            ).select_related("claimant").first()
+    if conflict is not None:
+        _refuse(request, action, target, 409, "guest_in_conflict",
+                f"Host {conflict.claimant.name} claims this guest against the portal's "
+                "record; an admin must resolve the conflict before any new job.")
 
 
 def running_guest(request, action, guest_uuid):
