@@ -111,13 +111,18 @@ def request_save(request, guest_uuid) -> Job:
         guest = running_guest(request, "guest.save", guest_uuid)
         host = _online_host(request, "guest.save", target, guest.host)
         _not_busy(request, "guest.save", target, guest.uuid)
+        name = f"{guest.name} {timezone.now():%Y-%m-%d %H:%M:%S}"
+        # The image's metadata comes from here, not from the agent's upload headers.
+        image = {"name": name, "memory_mib": guest.memory_mib or None,
+                 "vcpus": guest.vcpus or None, "architecture": host.arch,
+                 "virt_extensions": ",".join(host.virt_extensions)}
         job = Job.objects.create(kind=JobKind.SAVE, requester=request.user,
                                  guest_uuid=guest.uuid, guest_name=guest.name, source_host=host,
-                                 total_bytes=guest.memory_mib * 1024 * 1024)
+                                 total_bytes=guest.memory_mib * 1024 * 1024,
+                                 parameters={"image": image})
         secret = credentials.issue_job_credential(job, JobCredential.UPLOAD)
     audit.record_request(request, "guest.save", target=target,
                          details={"job": str(job.id), "host": host.name})
-    name = f"{guest.name} {timezone.now():%Y-%m-%d %H:%M:%S}"
     progress.send_to_host(host.name, {
         "type": "command", "job": str(job.id), "action": "save", "guest": str(guest.uuid),
         "upload": {"url": f"{settings.PORTAL_URL}/api/v1/images/", "credential": secret,
