@@ -15,13 +15,16 @@ from vault.upload import handle_upload
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("private_vault")]
 DATA = memory_like(1024 * 1024 + 12345)
+IMAGE_NAME = "debian_etch 2026-12-06 21:00:00"  # as the portal named it in the save command
 
 
 @pytest.fixture
 def save_job(enrolled, admin_user):
     job = Job.objects.create(kind=JobKind.SAVE, requester=admin_user,
                              source_host=host("hostb"), guest_uuid=GUEST["uuid"],
-                             guest_name=GUEST["name"])
+                             guest_name=GUEST["name"], parameters={"image": {
+                                 "name": IMAGE_NAME, "memory_mib": 128, "vcpus": 1,
+                                 "architecture": "x86_64", "virt_extensions": "vmx"}})
     job.start()
     job.save()
     return job, credentials.issue_job_credential(job, JobCredential.UPLOAD), enrolled["hostb"]
@@ -44,7 +47,8 @@ async def upload_as_agent(secret, host_secret, halfway=None, **extra_headers):
 
     headers = {"Authorization": f"Job {secret}", "X-Berth-Host-Credential": host_secret,
                "Content-Type": "application/octet-stream", "Content-Length": str(len(DATA)),
-               "X-Berth-Guest-UUID": GUEST["uuid"], **extra_headers}
+               "X-Berth-Name": IMAGE_NAME, "X-Berth-Guest-UUID": GUEST["uuid"],
+               **extra_headers}
     await handle_upload(scope_for(headers), receive, send)
     return sent[0]["status"], json.loads(sent[1]["body"])
 
@@ -79,19 +83,15 @@ async def test_a_save_ended_while_its_body_arrived_stores_nothing_and_says_why(s
 
 
 async def test_a_jobs_image_takes_its_metadata_from_the_job_not_the_headers(save_job):
-    """The headers name nothing but the guest: name, source host, memory and the rest
-    come from the job record (and what the portal knew when it issued the save)."""
+    """The headers name only the image and the guest: the source host, memory and the
+    rest come from the job record (what the portal knew when it issued the save)."""
     job, secret, host_secret = save_job
-    await sync_to_async(Job.objects.filter(id=job.id).update)(parameters={"image": {
-        "name": "debian_etch 2026-12-06 21:00:00", "memory_mib": 128, "vcpus": 1,
-        "architecture": "x86_64", "virt_extensions": "vmx"}})
     status, body = await upload_as_agent(secret, host_secret)
     assert status == 201, body
     image = await sync_to_async(SavedImage.objects.get)(id=body["id"])
     assert (image.name, str(image.guest_uuid), image.guest_name, image.source_host,
             image.memory_mib, image.vcpus, image.architecture, image.virt_extensions) == (
-        "debian_etch 2026-12-06 21:00:00", GUEST["uuid"], GUEST["name"], "hostb", 128, 1,
-        "x86_64", "vmx")
+        IMAGE_NAME, GUEST["uuid"], GUEST["name"], "hostb", 128, 1, "x86_64", "vmx")
 
 
 @pytest.mark.parametrize("header, value", [
