@@ -62,6 +62,7 @@ def test_a_credential_issued_before_hosts_were_bound_is_refused(job, enrolled):
         authenticate(secret, enrolled["hostb"])
 
 
+@pytest.mark.django_db(transaction=True)  # the threads' connections must see the rows
 def test_concurrent_presentations_of_one_credential_let_one_through(job, enrolled):
     """Two requests read the credential unused; only one may spend it."""
     from concurrent.futures import ThreadPoolExecutor
