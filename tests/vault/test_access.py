@@ -184,3 +184,11 @@ def test_a_restore_credential_downloads_its_own_image_only(people, image):
     assert agent().get(f"/api/v1/images/{other.id}/content").status_code == 403
     assert AuditRecord.objects.filter(target=other.target, outcome="denied").exists()
     assert agent().get(f"/api/v1/images/{image.id}/content").status_code == 200
+    # The same kind of credential in another host's hands (beside hostb's credential).
+    stolen = Client(HTTP_AUTHORIZATION="Job " + credentials.issue_job_credential(
+        job, JobCredential.DOWNLOAD, image.id), HTTP_X_BERTH_HOST_CREDENTIAL=world.host_secret
+        if world.hostb else "")
+    answer = stolen.get(f"/api/v1/images/{image.id}/content")
+    assert answer.status_code == 401 and "another host" in answer.json()["detail"]
+    assert AuditRecord.objects.filter(action="job.credential_refused", actor="host:hostb",
+                                      outcome="denied").exists()
