@@ -5,7 +5,7 @@ from django.contrib.auth.decorators import login_required
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
-from migrator import access, indoubt, inventory, migration, orchestrate
+from migrator import access, claims, indoubt, inventory, migration, orchestrate
 from migrator.models import Guest, Host
 from migrator.relocation.verify import VERIFY_MODES
 from portal.roles import reader_required
@@ -17,7 +17,9 @@ def dashboard_context(request):
     inventory.expire_stale_jobs()
     hosts = Host.objects.prefetch_related("guests")
     return {"hosts": hosts, "jobs": access.visible_jobs(request)[:10],
-            "can_save": access.can_operate(request, "save")}
+            "can_save": access.can_operate(request, "save"),
+            "conflicts": list(claims.open_conflicts()[:100]),
+            "can_resolve_claims": access.can_operate(request, "resolve_claim")}
 
 
 @login_required
@@ -42,6 +44,8 @@ def guest_detail(request, uuid):
     return render(request, "migrator/guest.html", {
         "guest": guest, "history": guest.domain_ids.all()[:50],
         "in_doubt": indoubt.open_jobs(guest.uuid),
+        "conflicts": list(claims.open_conflicts(guest.uuid)),
+        "can_resolve_claims": access.can_operate(request, "resolve_claim"),
         "can_save": access.can_operate(request, "save")})
 
 
@@ -60,6 +64,19 @@ def _run(request, operation, *args, **kwargs):
 def guest_save(request, uuid):
     job = _run(request, orchestrate.request_save, uuid)
     return redirect("job", pk=job.id) if job else redirect("dashboard")
+
+
+@login_required
+@require_POST
+def guest_resolve_conflict(request, uuid):
+    decision = request.POST.get("decision", "")
+    if _run(request, claims.request_resolve, uuid, decision, request.POST.get("host", "")):
+        messages.success(request, "Claim accepted: the guest now runs on "
+                         f"{request.POST.get('host', '')}." if decision == "accept"
+                         else "Claim refused: the portal's record stands.")
+    if request.POST.get("next") == "guest":
+        return redirect("guest", uuid=uuid)
+    return redirect("dashboard")
 
 
 @reader_required

@@ -123,6 +123,23 @@ class DigestMismatch(Exception):
         self.actual, self.expected = actual, expected
 
 
+def upload_metadata(request, meta):
+    """The metadata an upload's image will carry: its headers', unless a receiver of
+    ``upload_started`` imposes its own (the migrator, for a job's upload: from the job
+    record). A refusal is audited; a name is required either way."""
+    try:
+        for _, imposed in signals.upload_started.send(SavedImage, request=request, meta=meta):
+            if imposed:
+                meta = {**meta, **imposed}
+    except signals.StoreRefused as exc:
+        audit.record_request(request, "image.upload", target="vault", outcome=Outcome.DENIED,
+                             details={"reason": exc.detail})
+        raise
+    if not meta.get("name"):
+        raise signals.StoreRefused(400, "invalid", "X-Berth-Name is required.")
+    return meta
+
+
 def register_image(request, sink, stats, meta):
     """Create the row for a committed object; undo the object if that fails."""
     try:

@@ -54,7 +54,7 @@ def route(fallback):
 async def handle_upload(scope, receive, send):
     try:
         request = await _authorise(scope)
-        metadata = parse_metadata(scope)
+        metadata = await sync_to_async(service.upload_metadata)(request, parse_metadata(scope))
         image = await _receive_into_vault(request, metadata, _body_source(scope, receive))
     except signals.StoreRefused as exc:  # an UploadError, or a receiver's refusal
         return await _respond(send, exc.status, {"error": exc.error, "detail": exc.detail})
@@ -95,7 +95,9 @@ TEXT_FIELDS = ("name", "guest_name", "source_host", "architecture", "virt_extens
 
 
 def parse_metadata(scope) -> dict:
-    """Metadata from ``X-Berth-*`` headers (e.g. ``X-Berth-Guest-Name``)."""
+    """Metadata from ``X-Berth-*`` headers (e.g. ``X-Berth-Guest-Name``). A job's upload
+    gets its metadata from the job instead (service.upload_metadata), the headers only
+    cross-checked."""
     headers = _headers(scope)
     if headers.get("content-type", "").split(";")[0].strip() != "application/octet-stream":
         raise UploadError(415, "unsupported_media_type",
@@ -105,8 +107,6 @@ def parse_metadata(scope) -> dict:
         value = headers.get("x-berth-" + field.replace("_", "-"))
         if value is not None:
             meta[field] = _convert(field, value.strip())
-    if not meta.get("name"):
-        raise UploadError(400, "invalid", "X-Berth-Name is required.")
     meta["declared_size"] = _declared_size(headers)
     return meta
 

@@ -65,7 +65,8 @@ class _Redact(logging.Filter):
     """Safety net: websockets logs handshake headers and frames at DEBUG, and
     commands carry job credentials.  Secrets never reach a log line."""
 
-    SECRET = re.compile(r"(?i)(authorization:\s*\w+\s+|\"credential\"\s*:\s*\")[^\s\"']+")
+    SECRET = re.compile(r"(?i)(authorization:\s*\w+\s+|x-berth-host-credential:\s*"
+                        r"|\"credential\"\s*:\s*\")[^\s\"']+")
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -509,7 +510,8 @@ class Agent:
                 raise BadCommand(f"unknown action {action!r}")
             job = cls(job_id, command, driver=self.driver, host=self.config.host,
                       emit=partial(self._event, job_id), ca=self.config.portal.ca,
-                      timeout=self._transfer_timeout)
+                      timeout=self._transfer_timeout,
+                      host_credential=self.config.portal.credential)
             job.relocation = self.config.relocation
             job.revoked_serials = self.revoked_serials
             job.in_doubt = self.in_doubt
