@@ -73,6 +73,13 @@ try:  # an unreadable keyring would fail every audited request: stop at start-up
     AuditKeyring(AUDIT_KEYRING, AUDIT_KEY)
 except AuditKeyError as exc:
     raise ImproperlyConfigured(str(exc)) from None
+# Refusals from one source (an address, a host) are aggregated over this interval: the
+# first is a record at once, the rest one record with their count when it closes
+# (portal/audit.py, record_refusal). Beyond MAX_SOURCES sources of one kind of refusal
+# in an interval, the others share one window, so a flood from many addresses is
+# bounded too.
+AUDIT_REFUSAL_INTERVAL_SECONDS = env_int("AUDIT_REFUSAL_INTERVAL_SECONDS", 60)
+AUDIT_REFUSAL_MAX_SOURCES = env_int("AUDIT_REFUSAL_MAX_SOURCES", 1000)
 
 DEBUG = env_bool("DEBUG")
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "127.0.0.1,localhost,[::1]")
