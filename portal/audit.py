@@ -194,6 +194,15 @@ def record_refusal(action, *, actor: Actor, source, target="", source_ip=None, d
     return count
 
 
+def refusals_from(action, source, now=None) -> int:
+    """How many refusals of ``action`` from ``source`` the open interval holds: a
+    rate limit shared by every portal process (the window is a database row)."""
+    now = now or timezone.now()
+    count = RefusalWindow.objects.filter(action=action, source=str(source or "-")[:200],
+                                         closes_at__gt=now).values_list("count", flat=True)
+    return next(iter(count), 0)
+
+
 def _locked_window(action, source):
     return RefusalWindow.objects.select_for_update().filter(action=action,
                                                             source=source).first()

@@ -348,6 +348,9 @@ JOB_START_TIMEOUT_SECONDS = env_int("JOB_START_TIMEOUT_SECONDS", 60)
 # and gets no new jobs:
 # its socket is open, but it has stopped talking (frozen, overloaded, half-dead link).
 HOST_UNRESPONSIVE_SECONDS = env_int("HOST_UNRESPONSIVE_SECONDS", 30)
+# Refused /ws/agent/ handshakes from one address per AUDIT_REFUSAL_INTERVAL_SECONDS; beyond,
+# the address is refused without its credential being looked at until the interval ends.
+AGENT_CONNECT_FAILURE_LIMIT = env_int("AGENT_CONNECT_FAILURE_LIMIT", 10)
 
 # Live migration stop conditions (Xen's spirit: 30 rounds, 3x memory), per
 # migration overridable.
