@@ -185,7 +185,10 @@ class _Incoming:
     def _hello(self) -> dict[str, Any]:
         if self.peer == self.server.host_name:
             raise Refusal("authorize", "a guest cannot migrate to its own host")
-        _, hello = self.chan.recv_json({Msg.HELLO}, timeout=self.server.handshake_timeout)
+        try:
+            _, hello = self.chan.recv_json({Msg.HELLO}, timeout=self.server.handshake_timeout)
+        except ProtocolError as exc:  # garbage where HELLO belongs: a refusal, audited
+            raise Refusal("protocol", describe_error(exc)) from None
         guest = hello.get("guest") if isinstance(hello.get("guest"), dict) else {}
         try:
             self.server.tickets.claim(hello.get("ticket"), guest.get("uuid"), self.peer)
@@ -480,8 +483,8 @@ class RelocationServer:
             try:
                 peer = authorize_peer(tls, allow_list=self.allow_list,
                                       revoked_serials=self.revoked_serials)
-            except PeerIdentityError as exc:
-                self.refuse("authorize", str(exc), None, address)
+            except PeerIdentityError as exc:  # exc.peer: who it was, once verified
+                self.refuse("authorize", str(exc), exc.peer, address)
                 tls.close()
                 return
             chan = Channel(tls, io_timeout=self.io_timeout)
