@@ -9,7 +9,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.utils import timezone
 
-from migrator import access, credentials, enrollment, inventory, progress
+from migrator import access, credentials, enrollment, inventory, progress, refusals
 from migrator.models import Job
 from portal import audit
 
@@ -96,6 +96,9 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
         inventory.heartbeat(self.host, message)
         inventory.expire_stale_jobs()  # heartbeats double as the sweeper's clock
         audit.flush_refusals()  # and write closed refusal intervals' aggregates
+
+    async def on_relocation_refused(self, message):
+        await database_sync_to_async(refusals.record_relocation_refusal)(self.host, message)
 
     async def on_job_event(self, message):
         await database_sync_to_async(inventory.record_event)(self.host, message)

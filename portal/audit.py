@@ -154,7 +154,7 @@ SAMPLE_REASONS = 5
 
 
 def record_refusal(action, *, actor: Actor, source, target="", source_ip=None, details=None,
-                   now=None) -> int:
+                   count=1, now=None) -> int:
     """Audit a refusal that an outsider can repeat at will; returns how many refusals
     from ``source`` the current interval holds (this one included).
 
@@ -167,11 +167,13 @@ def record_refusal(action, *, actor: Actor, source, target="", source_ip=None, d
     interval write two records, and a source beyond ``AUDIT_REFUSAL_MAX_SOURCES``
     open windows of this action counts into a shared one. Every record says how many
     refusals it stands for (``details["refusals"]``), so the trail still adds up.
+    ``count``: refusals this call reports at once (an agent's own aggregate).
     """
     now = now or timezone.now()
     details = dict(details or {})
     source = str(source or "-")[:200]
     details.setdefault("source", source)
+    count = max(1, int(count))
     with transaction.atomic():
         window = _locked_window(action, source)
         if window is None and source != OTHER_SOURCES and RefusalWindow.objects.filter(
@@ -187,11 +189,11 @@ def record_refusal(action, *, actor: Actor, source, target="", source_ip=None, d
         if created:  # the first of the interval is written now
             record(action, actor=actor, target=target, outcome=Outcome.DENIED,
                    source_ip=source_ip, details={**details, "refusals": 1})
-            count = 1
+            total = _count(window, details, now, count - 1) if count > 1 else 1
         else:
-            count = _count(window, details, now)
+            total = _count(window, details, now, count)
     _flush_now_and_then(now)
-    return count
+    return total
 
 
 def refusals_from(action, source, now=None) -> int:
@@ -222,8 +224,8 @@ def _open_window(action, source, actor, target, source_ip, now):
         return _locked_window(action, source), False
 
 
-def _count(window, details, now) -> int:
-    window.count += 1
+def _count(window, details, now, count=1) -> int:
+    window.count += count
     window.last_at = now
     window.first_counted_at = window.first_counted_at or now
     summary = _summary(details)

@@ -153,3 +153,14 @@ def test_concurrent_writers_lose_no_refusal_and_write_one_record():
     audit.flush_refusals(timezone.now() + timedelta(seconds=61))
     assert refusals_in_trail() == 200
     assert audit.verify_chain().ok
+
+
+@pytest.mark.django_db
+def test_a_reported_count_is_added_whole():
+    t0 = timezone.now()
+    assert audit.record_refusal(ACTION, actor=STRANGER, source="hostc", count=40,
+                                details={"reason": "x"}, now=t0) == 40
+    assert audit.record_refusal(ACTION, actor=STRANGER, source="hostc", count=2,
+                                details={"reason": "x"}, now=t0) == 42
+    audit.flush_refusals(t0 + timedelta(seconds=61))
+    assert [r.details["refusals"] for r in records()] == [1, 41]
