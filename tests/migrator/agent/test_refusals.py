@@ -76,14 +76,16 @@ def test_refusals_while_the_portal_is_away_are_kept_counted_and_sent_on_return(h
     wait_until(lambda: not agent.connected.is_set())
     for _ in range(150):
         knock(agent.relocation.server.port)
-    wait_until(lambda: agent.refusals.waiting() == 150)
-    assert len(agent.refusals) == 1
+    wait_until(lambda: agent.refusals.waiting() == 150, timeout=30)
+    # One peer: one entry per stage ("tls"; "connect" too if a knock found the server
+    # at its connection limit, as on a loaded machine), however many refusals.
+    assert len(agent.refusals) <= 2
     back = FakeWsPortal().start(port)
     try:
         wait_until(lambda: sum(r["count"] for r in reports(back)) == 150, timeout=15)
-        assert len(reports(back)) == 1  # one peer, one stage: one message, counted
-        [report] = reports(back)
-        assert report["count"] == 150 and report["first"] <= report["last"]
+        sent = reports(back)
+        assert len(sent) == len({r["stage"] for r in sent}) <= 2
+        assert all(r["address"] == "127.0.0.1" and r["first"] <= r["last"] for r in sent)
     finally:
         agent.stop()
         back.stop()
