@@ -154,7 +154,7 @@ SAMPLE_REASONS = 5
 
 
 def record_refusal(action, *, actor: Actor, source, target="", source_ip=None, details=None,
-                   count=1, now=None) -> int:
+                   count=1, outcome=Outcome.DENIED, now=None) -> int:
     """Audit a refusal that an outsider can repeat at will; returns how many refusals
     from ``source`` the current interval holds (this one included).
 
@@ -168,6 +168,7 @@ def record_refusal(action, *, actor: Actor, source, target="", source_ip=None, d
     open windows of this action counts into a shared one. Every record says how many
     refusals it stands for (``details["refusals"]``), so the trail still adds up.
     ``count``: refusals this call reports at once (an agent's own aggregate).
+    ``outcome``: of the first record; the aggregate has the same (denied by default).
     """
     now = now or timezone.now()
     details = dict(details or {})
@@ -185,9 +186,10 @@ def record_refusal(action, *, actor: Actor, source, target="", source_ip=None, d
             window = None
         created = window is None
         if created:
-            window, created = _open_window(action, source, actor, target, source_ip, now)
+            window, created = _open_window(action, source, actor, target, source_ip,
+                                           outcome, now)
         if created:  # the first of the interval is written now
-            record(action, actor=actor, target=target, outcome=Outcome.DENIED,
+            record(action, actor=actor, target=target, outcome=outcome,
                    source_ip=source_ip, details={**details, "refusals": 1})
             total = _count(window, details, now, count - 1) if count > 1 else 1
         else:
@@ -210,7 +212,7 @@ def _locked_window(action, source):
                                                             source=source).first()
 
 
-def _open_window(action, source, actor, target, source_ip, now):
+def _open_window(action, source, actor, target, source_ip, outcome, now):
     """(window, True) for a new one; (window, False) if another process opened it at
     the same moment (then locked, to count into)."""
     interval = dt.timedelta(seconds=settings.AUDIT_REFUSAL_INTERVAL_SECONDS)
@@ -219,7 +221,7 @@ def _open_window(action, source, actor, target, source_ip, now):
             return RefusalWindow.objects.create(
                 action=action, source=source, opened_at=now, closes_at=now + interval,
                 last_at=now, actor_kind=actor.kind, actor=actor.name[:200],
-                target=str(target)[:300], source_ip=source_ip), True
+                target=str(target)[:300], source_ip=source_ip, outcome=outcome), True
     except IntegrityError:
         return _locked_window(action, source), False
 
@@ -246,7 +248,7 @@ def _close(window) -> int:
     written = 0
     if window.count > 1:
         record(window.action, actor=Actor(window.actor_kind, window.actor),
-               target=window.target, outcome=Outcome.DENIED, source_ip=window.source_ip,
+               target=window.target, outcome=window.outcome, source_ip=window.source_ip,
                details={"aggregate": True, "source": window.source,
                         "refusals": window.count - 1,
                         "first": window.first_counted_at.isoformat(),

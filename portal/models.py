@@ -105,6 +105,7 @@ class RefusalWindow(models.Model):
     actor = models.CharField(max_length=200)
     target = models.CharField(max_length=300, blank=True)
     source_ip = models.GenericIPAddressField(null=True, blank=True)
+    outcome = models.CharField(max_length=16, choices=Outcome.choices, default=Outcome.DENIED)
     reasons = models.JSONField(default=list, blank=True)  # a few distinct ones
 
     class Meta:
