@@ -9,7 +9,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.utils import timezone
 
-from migrator import access, credentials, inventory, progress, revocation
+from migrator import access, credentials, inventory, progress, refusals, revocation
 from migrator.models import Job
 from portal import audit
 from portal.models import ActorKind, Outcome
@@ -49,17 +49,9 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
         revocation.watch(self)  # revoked from any process: closed within a second
 
     def _authenticate(self):
-        authorization = _header(self.scope, "authorization")
-        scheme, _, secret = authorization.partition(" ")
-        host = credentials.host_for_credential(secret.strip()) if scheme == "Host" else None
-        audit.record("host.connect", actor=audit.Actor(
-            ActorKind.HOST if host else ActorKind.ANONYMOUS,
-            f"host:{host.name}" if host else "unknown agent"),
-            target=f"host:{host.name}" if host else "agent-endpoint",
-            outcome=Outcome.ALLOWED if host else Outcome.DENIED,
-            source_ip=_client_ip(self.scope),
-            details={} if host else {"reason": "missing, unknown or revoked host credential"})
-        return host
+        # Rate-limited per address and audited there (record_refusal aggregates a flood).
+        return credentials.authenticate_agent(_header(self.scope, "authorization"),
+                                              _client_ip(self.scope))
 
     async def disconnect(self, code):
         if self.host is None:
@@ -116,6 +108,10 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
     def _inventory(self, message):
         inventory.heartbeat(self.host, message)
         inventory.expire_stale_jobs()  # heartbeats double as the sweeper's clock
+        audit.flush_refusals()  # and write closed refusal intervals' aggregates
+
+    async def on_relocation_refused(self, message):
+        await database_sync_to_async(refusals.record_relocation_refusal)(self.host, message)
 
     async def on_job_event(self, message):
         await database_sync_to_async(inventory.record_event)(self.host, message)

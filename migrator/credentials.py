@@ -14,6 +14,7 @@ import hmac
 import secrets
 from datetime import timedelta
 
+from django.conf import settings
 from django.utils import timezone
 from rest_framework import exceptions
 from rest_framework.authentication import BaseAuthentication, get_authorization_header
@@ -47,6 +48,40 @@ def host_for_credential(secret: str):
                                                                digest(secret)):
         return None
     return host
+
+
+AGENT_CONNECT = "host.connect"
+
+
+def authenticate_agent(authorization: str, source_ip):
+    """The host an agent's ``Authorization: Host <credential>`` names, or None; audited.
+
+    Refused attempts are counted per source address (`audit.record_refusal`: the first
+    of an interval is a record, the rest one aggregate). Beyond
+    ``AGENT_CONNECT_FAILURE_LIMIT`` refusals in the interval, the address is refused at
+    once, without looking at its credential, until the interval ends: a flood of bad
+    handshakes costs one counter update each, and never grows the audit trail.
+    """
+    source = source_ip or "unknown address"
+    limit = settings.AGENT_CONNECT_FAILURE_LIMIT
+    if audit.refusals_from(AGENT_CONNECT, source) >= limit:
+        _refuse_agent(source, source_ip, f"more than {limit} refused attempts from this "
+                      "address in the interval: refused without checking the credential")
+        return None
+    scheme, _, secret = authorization.partition(" ")
+    host = host_for_credential(secret.strip()) if scheme == "Host" else None
+    if host is None:
+        _refuse_agent(source, source_ip, "missing, unknown or revoked host credential")
+        return None
+    audit.record(AGENT_CONNECT, actor=audit.Actor(ActorKind.HOST, f"host:{host.name}"),
+                 target=f"host:{host.name}", outcome=Outcome.ALLOWED, source_ip=source_ip)
+    return host
+
+
+def _refuse_agent(source, source_ip, reason):
+    audit.record_refusal(AGENT_CONNECT, actor=audit.Actor(ActorKind.ANONYMOUS, "unknown agent"),
+                         source=source, target="agent-endpoint", source_ip=source_ip,
+                         details={"reason": reason})
 
 
 def issue_job_credential(job, purpose, image_id=None) -> str:

@@ -9,15 +9,16 @@ new version, and the chain runs on through it.
 import datetime as dt
 import hashlib
 import hmac
+import time
 from dataclasses import dataclass
 
 from django.conf import settings
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from portal.audit_keys import AuditKeyError, AuditKeyring, KeyVersion, covering
 from portal.audit_verifier import FIELDS, canonical_record, next_digest
-from portal.models import ActorKind, AuditHead, AuditRecord, Outcome
+from portal.models import ActorKind, AuditHead, AuditRecord, Outcome, RefusalWindow
 
 
 def canonical_values(record: AuditRecord) -> dict:
@@ -146,6 +147,146 @@ def record_request(request, action, *, target="", outcome=Outcome.ALLOWED, detai
     """Shorthand for views: actor and source address come from the request."""
     return record(action, actor=actor_of(request), target=target, outcome=outcome,
                   source_ip=client_ip(request), details=details)
+
+
+# -- refusals: aggregated per source, so a flood cannot grow the trail ----------------
+
+OTHER_SOURCES = "(other sources)"
+SAMPLE_REASONS = 5
+
+
+def record_refusal(action, *, actor: Actor, source, target="", source_ip=None, details=None,
+                   count=1, outcome=Outcome.DENIED, now=None) -> int:
+    """Audit a refusal that an outsider can repeat at will; returns how many refusals
+    from ``source`` the current interval holds (this one included).
+
+    ``source`` is a stable key for who is knocking (a peer address, a host name).
+    The first refusal from a source in an interval (``AUDIT_REFUSAL_INTERVAL_SECONDS``)
+    is a record at once; the next ones only count, in a `RefusalWindow` row, and
+    become one aggregate record (their number, first and last time, a few distinct
+    reasons) when the interval closes: at the source's next refusal after it, or by
+    `flush_refusals`, which runs lazily. So N refusals from one source in one
+    interval write two records, and a source beyond ``AUDIT_REFUSAL_MAX_SOURCES``
+    open windows of this action counts into a shared one. Every record says how many
+    refusals it stands for (``details["refusals"]``), so the trail still adds up.
+    ``count``: refusals this call reports at once (an agent's own aggregate).
+    ``outcome``: of the first record; the aggregate has the same (denied by default).
+    """
+    now = now or timezone.now()
+    details = dict(details or {})
+    source = str(source or "-")[:200]
+    details.setdefault("source", source)
+    count = max(1, int(count))
+    with transaction.atomic():
+        window = _locked_window(action, source)
+        if window is None and source != OTHER_SOURCES and RefusalWindow.objects.filter(
+                action=action).count() >= settings.AUDIT_REFUSAL_MAX_SOURCES:
+            source = OTHER_SOURCES
+            window = _locked_window(action, source)
+        if window is not None and window.closes_at <= now:
+            _close(window)
+            window = None
+        created = window is None
+        if created:
+            window, created = _open_window(action, source, actor, target, source_ip,
+                                           outcome, now)
+        if created:  # the first of the interval is written now
+            record(action, actor=actor, target=target, outcome=outcome,
+                   source_ip=source_ip, details={**details, "refusals": 1})
+            total = _count(window, details, now, count - 1) if count > 1 else 1
+        else:
+            total = _count(window, details, now, count)
+    _flush_now_and_then(now)
+    return total
+
+
+def refusals_from(action, source, now=None) -> int:
+    """How many refusals of ``action`` from ``source`` the open interval holds: a
+    rate limit shared by every portal process (the window is a database row)."""
+    now = now or timezone.now()
+    count = RefusalWindow.objects.filter(action=action, source=str(source or "-")[:200],
+                                         closes_at__gt=now).values_list("count", flat=True)
+    return next(iter(count), 0)
+
+
+def _locked_window(action, source):
+    return RefusalWindow.objects.select_for_update().filter(action=action,
+                                                            source=source).first()
+
+
+def _open_window(action, source, actor, target, source_ip, outcome, now):
+    """(window, True) for a new one; (window, False) if another process opened it at
+    the same moment (then locked, to count into)."""
+    interval = dt.timedelta(seconds=settings.AUDIT_REFUSAL_INTERVAL_SECONDS)
+    try:
+        with transaction.atomic():
+            return RefusalWindow.objects.create(
+                action=action, source=source, opened_at=now, closes_at=now + interval,
+                last_at=now, actor_kind=actor.kind, actor=actor.name[:200],
+                target=str(target)[:300], source_ip=source_ip, outcome=outcome), True
+    except IntegrityError:
+        return _locked_window(action, source), False
+
+
+def _count(window, details, now, count=1) -> int:
+    window.count += count
+    window.last_at = now
+    window.first_counted_at = window.first_counted_at or now
+    summary = _summary(details)
+    if summary not in window.reasons and len(window.reasons) < SAMPLE_REASONS:
+        window.reasons = [*window.reasons, summary]
+    window.save(update_fields=["count", "last_at", "first_counted_at", "reasons"])
+    return window.count
+
+
+def _summary(details) -> str:
+    reason, stage = str(details.get("reason", "")), details.get("stage")
+    return (f"{stage}: {reason}" if stage else reason)[:200]
+
+
+def _close(window) -> int:
+    """Write the closed window's aggregate (if anything beyond its first refusal
+    happened) and forget the window; the caller holds its lock."""
+    written = 0
+    if window.count > 1:
+        record(window.action, actor=Actor(window.actor_kind, window.actor),
+               target=window.target, outcome=window.outcome, source_ip=window.source_ip,
+               details={"aggregate": True, "source": window.source,
+                        "refusals": window.count - 1,
+                        "first": window.first_counted_at.isoformat(),
+                        "last": window.last_at.isoformat(),
+                        "interval_s": settings.AUDIT_REFUSAL_INTERVAL_SECONDS,
+                        "reasons": window.reasons})
+        written = 1
+    window.delete()
+    return written
+
+
+def flush_refusals(now=None) -> int:
+    """Write the aggregates of every closed window; returns how many were written.
+
+    Run lazily (by refusals, agent heartbeats, whoever reads the audit trail) and by
+    ``manage.py sweep``: a quiet source's last interval is not left unwritten.
+    """
+    now = now or timezone.now()
+    written = 0
+    for pk in RefusalWindow.objects.filter(closes_at__lte=now).values_list("pk", flat=True):
+        with transaction.atomic():
+            window = RefusalWindow.objects.select_for_update().filter(
+                pk=pk, closes_at__lte=now).first()
+            if window is not None:  # another process may have closed it meanwhile
+                written += _close(window)
+    return written
+
+
+_next_flush = 0.0  # monotonic time of this process's next look at closed windows
+
+
+def _flush_now_and_then(now):
+    global _next_flush
+    if time.monotonic() >= _next_flush:
+        _next_flush = time.monotonic() + max(1.0, settings.AUDIT_REFUSAL_INTERVAL_SECONDS / 4)
+        flush_refusals(now)
 
 
 @dataclass(frozen=True)

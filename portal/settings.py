@@ -85,6 +85,13 @@ AUDIT_ANCHOR_SYSLOG = env("AUDIT_ANCHOR_SYSLOG", "")
 # Each portal process anchors the head this often when it has moved (0 = never: run
 # `manage.py audit anchor` from a timer instead).
 AUDIT_ANCHOR_INTERVAL_SECONDS = env_int("AUDIT_ANCHOR_INTERVAL_SECONDS", 300)
+# Refusals from one source (an address, a host) are aggregated over this interval: the
+# first is a record at once, the rest one record with their count when it closes
+# (portal/audit.py, record_refusal). Beyond MAX_SOURCES sources of one kind of refusal
+# in an interval, the others share one window, so a flood from many addresses is
+# bounded too.
+AUDIT_REFUSAL_INTERVAL_SECONDS = env_int("AUDIT_REFUSAL_INTERVAL_SECONDS", 60)
+AUDIT_REFUSAL_MAX_SOURCES = env_int("AUDIT_REFUSAL_MAX_SOURCES", 1000)
 
 DEBUG = env_bool("DEBUG")
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "127.0.0.1,localhost,[::1]")
@@ -353,6 +360,9 @@ JOB_START_TIMEOUT_SECONDS = env_int("JOB_START_TIMEOUT_SECONDS", 60)
 # and gets no new jobs:
 # its socket is open, but it has stopped talking (frozen, overloaded, half-dead link).
 HOST_UNRESPONSIVE_SECONDS = env_int("HOST_UNRESPONSIVE_SECONDS", 30)
+# Refused /ws/agent/ handshakes from one address per AUDIT_REFUSAL_INTERVAL_SECONDS; beyond,
+# the address is refused without its credential being looked at until the interval ends.
+AGENT_CONNECT_FAILURE_LIMIT = env_int("AGENT_CONNECT_FAILURE_LIMIT", 10)
 
 # Live migration stop conditions (Xen's spirit: 30 rounds, 3x memory), per
 # migration overridable.

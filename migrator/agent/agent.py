@@ -50,13 +50,14 @@ from .config import AgentConfig, HostConfig, RelocationConfig
 from .indoubt import KEEP, InDoubtBook, holding, settle
 from .jobs import ACTIONS, BadCommand, Job, _uuid, guest_json, result_message
 from .migrate import MigrateJob, RelocationEndpoint
-from .outbox import HostState, Outbox, RevocationList, ensure_state_dir
+from .outbox import HostState, Outbox, RefusalReports, RevocationList, ensure_state_dir
 
 COMMANDS = {**ACTIONS, "migrate": MigrateJob}
 
 AGENT_VERSION = "0.1"
 PROTOCOL = 1
 MAX_QUEUED_EVENTS = 1000  # a slow portal loses progress events, never results
+REFUSED = "relocation.refused"
 
 log = logging.getLogger("berth.agent")
 
@@ -98,6 +99,10 @@ def make_driver(host: HostConfig, relocation: RelocationConfig | None = None
     raise ValueError(f"unknown driver {host.driver!r}")
 
 
+def _report(message: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in message.items() if k != "type"}
+
+
 class Backoff:
     """1 s, 2 s, 4 s ... capped, each +-20 %: a fleet of agents whose portal
     restarts must not all knock at the same instant."""
@@ -129,6 +134,7 @@ class Agent:
                        else make_driver(config.host, config.relocation))
         self._own_driver = driver is None
         self.outbox = Outbox(config.host.state_dir)
+        self.refusals = RefusalReports()  # the relocation port's, for the portal's audit
         self.state = HostState(config.host.state_dir)
         self.in_doubt = InDoubtBook(config.host.state_dir)
         self.revocations = RevocationList(config.host.state_dir)
@@ -211,7 +217,7 @@ class Agent:
                      self.config.host.name)
             return
         self.relocation = RelocationEndpoint(self.config, self.driver, self._event,
-                                             self.in_doubt)
+                                             self.in_doubt, on_refused=self.refusals.add)
         # What the portal last said, kept on disk: refused from the first connection on.
         self.relocation.server.revoked_serials = self.revocations.serials
         self.relocation.start()
@@ -385,6 +391,7 @@ class Agent:
                                       "guests": hello["guests"]})
             finally:
                 self.connected.clear()
+                self._requeue_refusals()
                 self._ws, self._queue = None, None
             return f"closed (code {ws.close_code}{self._close_note(ws)})"
 
@@ -424,9 +431,22 @@ class Agent:
         assert self._queue is not None
         while True:
             message = await self._queue.get()
-            await ws.send(json.dumps(message))
+            try:
+                await ws.send(json.dumps(message))
+            except BaseException:
+                if message["type"] == REFUSED:  # not sent: counted again for the next one
+                    self.refusals.put_back([_report(message)])
+                raise
             if message["type"] == "job.result":
                 self._mark_sent([message])
+
+    def _requeue_refusals(self) -> None:
+        """Refusal reports still queued when a connection ends wait for the next one."""
+        queue = self._queue
+        while queue is not None and not queue.empty():
+            message = queue.get_nowait()
+            if message["type"] == REFUSED:
+                self.refusals.put_back([_report(message)])
 
     async def _ticker(self, last: dict[str, Any]) -> None:
         """Inventory when something changed (polled) and as a heartbeat;
@@ -446,6 +466,8 @@ class Agent:
             for result in self.outbox.pending():
                 if now - self._sent_at.get(result["job"], now) >= self._resend_after:
                     self._enqueue(result)
+            for report in self.refusals.take():  # bounded: aggregated per stage and peer
+                self._enqueue({"type": REFUSED, **report})
             await asyncio.sleep(self._poll)
 
     def _mark_sent(self, results: list[dict[str, Any]]) -> None:

@@ -30,10 +30,12 @@ class RelocationEndpoint:
     """This host's relocation port: tickets announced by the portal, and the
     server that accepts only those migrations (docs/relocation-protocol.md)."""
 
-    def __init__(self, config, driver, post_event: PostEvent, in_doubt: InDoubtBook):
+    def __init__(self, config, driver, post_event: PostEvent, in_doubt: InDoubtBook,
+                 on_refused: Callable[[dict[str, Any]], None] | None = None):
         host, reloc = config.host, config.relocation
         self.tickets = TicketBook()
         self._post = post_event
+        self._on_refused = on_refused  # every refusal, for the portal's audit trail
         self.in_doubt = in_doubt
         self._jobs: dict[str, str] = {}  # guest uuid -> job id, for the destination's events
         self._lock = threading.Lock()
@@ -71,6 +73,8 @@ class RelocationEndpoint:
         self._post(job_id, {"kind": "expecting", "stage": "expecting"})
 
     def _on_event(self, event: dict[str, Any]) -> None:
+        if event.get("kind") == "refused" and self._on_refused is not None:
+            self._on_refused(event)  # most have no job: an outsider, a forged ticket
         guest = event.get("guest")
         with self._lock:
             job_id = self._jobs.get(guest) if guest else None

@@ -236,7 +236,7 @@ class FrontDoor:
         try:
             peer = self._authorize(item.tls, item.address)
         except PeerIdentityError as exc:
-            self._refuse("authorize", str(exc), None, item.address)
+            self._refuse("authorize", str(exc), exc.peer, item.address)  # named once verified
             item.tls.close()
             return
         except Exception:  # noqa: BLE001 - a certificate we cannot read is no peer

@@ -191,7 +191,10 @@ class _Incoming:
     def _hello(self) -> dict[str, Any]:
         if self.peer == self.server.host_name:
             raise Refusal("authorize", "a guest cannot migrate to its own host")
-        _, hello = self.chan.recv_json({Msg.HELLO}, timeout=self.server.handshake_timeout)
+        try:
+            _, hello = self.chan.recv_json({Msg.HELLO}, timeout=self.server.handshake_timeout)
+        except ProtocolError as exc:  # garbage where HELLO belongs: a refusal, audited
+            raise Refusal("protocol", describe_error(exc)) from None
         guest = hello.get("guest") if isinstance(hello.get("guest"), dict) else {}
         try:
             self.server.tickets.claim(hello.get("ticket"), guest.get("uuid"), self.peer)

@@ -1,6 +1,9 @@
 """The agent socket and the job sockets, through the real routing."""
+import asyncio
 import time
+from datetime import timedelta
 
+import httpx
 import pytest
 from asgiref.sync import sync_to_async
 from django.test import Client, RequestFactory
@@ -9,6 +12,7 @@ from django.utils import timezone
 from migrator import orchestrate, revocation
 from migrator.enrollment import revoke
 from migrator.models import Guest, Host, Job, JobState
+from portal import audit
 from portal.models import AuditRecord
 from portal.routing import websocket_application
 from tests.migrator.conftest import GUEST, agent_socket, connect_agent, hello
@@ -201,3 +205,102 @@ async def test_agent_that_vanishes_fails_its_job_after_the_timeout(enrolled, adm
     assert await sync_to_async(inventory.expire_stale_jobs)() == 1
     job = await Job.objects.aget(id=job.id)
     assert job.state == JobState.FAILED and "went away" in job.error
+
+
+def socket_from(address, credential):
+    socket = agent_socket(credential)
+    socket.scope["client"] = (address, 40000)
+    return socket
+
+
+async def denied_connects():
+    return [r async for r in AuditRecord.objects.filter(action="host.connect",
+                                                        outcome="denied").order_by("seq")]
+
+
+async def test_a_burst_of_bad_handshakes_writes_a_bounded_number_of_audit_rows(enrolled):
+    for i in range(200):
+        connected, _ = await socket_from("10.9.9.9", f"hc_guess-{i}").connect()
+        assert not connected
+    # One record at once; the other 199 are counted and become one aggregate.
+    [first] = await denied_connects()
+    assert first.source_ip == "10.9.9.9" and first.details["refusals"] == 1
+    await sync_to_async(audit.flush_refusals)(timezone.now() + timedelta(minutes=2))
+    first, aggregate = await denied_connects()
+    assert aggregate.details["refusals"] == 199 and aggregate.source_ip == "10.9.9.9"
+    assert set(aggregate.details["reasons"]) == {
+        "missing, unknown or revoked host credential",
+        "more than 10 refused attempts from this address in the interval: refused "
+        "without checking the credential"}
+
+
+async def test_beyond_the_limit_an_address_is_refused_without_its_credential_being_checked(
+        enrolled, settings):
+    settings.AGENT_CONNECT_FAILURE_LIMIT = 3
+    settings.AUDIT_REFUSAL_INTERVAL_SECONDS = 1
+    for _ in range(3):
+        assert not (await socket_from("10.9.9.9", "hc_wrong").connect())[0]
+    # Even the right credential, from that address, until the interval ends.
+    assert not (await socket_from("10.9.9.9", enrolled["hostb"]).connect())[0]
+    # Another address is not affected.
+    good = socket_from("10.9.9.10", enrolled["hostb"])
+    assert (await good.connect())[0]
+    await good.disconnect()
+    await asyncio.sleep(1.1)
+    again = socket_from("10.9.9.9", enrolled["hostb"])
+    assert (await again.connect())[0]
+    await again.disconnect()
+
+
+@pytest.mark.slow
+def test_real_portal_a_flood_of_bad_agent_handshakes_writes_two_audit_rows(tmp_path):
+    """Issue 14, 5: 200 unauthenticated handshakes in about a second wrote 200 rows."""
+    from tests.support.server import PortalServer
+
+    (tmp_path / "data").mkdir()
+    interval = 10  # long enough for the burst on a loaded machine: one interval
+    portal = PortalServer(tmp_path / "data",
+                          {"BERTH_AUDIT_REFUSAL_INTERVAL_SECONDS": str(interval)}).start()
+    try:
+        token = portal.issue_token("auditor", "audit:read")
+        started = time.monotonic()
+        refused = asyncio.run(bad_handshakes(portal.port, 200))
+        elapsed = time.monotonic() - started
+        assert refused == 200 and elapsed < interval
+        count, rows = denied_via_api(portal, token)
+        assert count == 1 and rows[0]["details"]["refusals"] == 1
+        # The interval closes; reading the trail then writes its aggregate.
+        time.sleep(max(0.0, started + interval + 0.5 - time.monotonic()))
+        count, rows = denied_via_api(portal, token)
+        assert [r["details"]["refusals"] for r in rows] == [199, 1]
+        print(f"200 bad handshakes in {elapsed:.2f} s -> {len(rows)} audit rows")
+    finally:
+        portal.stop()
+
+
+async def bad_handshakes(port, count, concurrency=20):
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus
+
+    refused, gate = 0, asyncio.Semaphore(concurrency)
+
+    async def one(i):
+        nonlocal refused
+        async with gate:
+            try:
+                async with connect(f"ws://127.0.0.1:{port}/ws/agent/", additional_headers={
+                        "Authorization": f"Host hc_guess-{i}"}, open_timeout=30):
+                    pass
+            except InvalidStatus as exc:
+                refused += exc.response.status_code == 403
+
+    await asyncio.gather(*(one(i) for i in range(count)))
+    return refused
+
+
+def denied_via_api(portal, token):
+    answer = httpx.get(f"{portal.url}/api/v1/audit/",
+                       params={"action": "host.connect", "outcome": "denied"},
+                       headers={"Authorization": f"Token {token}"})
+    assert answer.status_code == 200, answer.text
+    return answer.json()["count"], answer.json()["results"]

@@ -6,7 +6,7 @@ from django.contrib.auth.models import AnonymousUser
 from django.test import Client
 
 from portal.accounts import create_user
-from portal.models import AuditRecord
+from portal.models import AuditRecord, RefusalWindow
 from tests.conftest import PASSWORD, verify_second_factor
 from tests.vault.conftest import request_as, store_image
 from vault import access
@@ -192,3 +192,14 @@ def test_a_restore_credential_downloads_its_own_image_only(people, image):
     assert answer.status_code == 401 and "another host" in answer.json()["detail"]
     assert AuditRecord.objects.filter(action="job.credential_refused", actor="host:hostb",
                                       outcome="denied").exists()
+
+
+def test_a_flood_of_anonymous_page_requests_is_one_audit_record(people, image):
+    """Pages have no rate limit: each anonymous refusal was a row of its own."""
+    client = Client(REMOTE_ADDR="10.7.7.7")
+    for _ in range(100):
+        assert client.get(f"/vault/{image.id}/").status_code == 302
+    [entry] = AuditRecord.objects.filter(action="image.view", outcome="denied")
+    assert (entry.actor_kind, entry.source_ip, entry.target) == (
+        "anonymous", "10.7.7.7", image.target)
+    assert RefusalWindow.objects.get(action="image.view").count == 100

@@ -2,16 +2,22 @@
 
 Each portal process already does this lazily (on job pages, the jobs API and agent
 heartbeats); with several portal processes and quiet hours a timer makes it prompt.
+It also writes the aggregates of refusal intervals that have closed
+(portal.audit.flush_refusals), which the portal otherwise does lazily too.
 """
 from django.core.management.base import BaseCommand
 
 from migrator.inventory import expire_stale_jobs
+from portal.audit import flush_refusals
 
 
 class Command(BaseCommand):
     help = ("Fail queued or running jobs whose agent has been gone longer than "
-            "BERTH_JOB_AGENT_TIMEOUT_SECONDS (run it from a timer).")
+            "BERTH_JOB_AGENT_TIMEOUT_SECONDS, and write the aggregates of closed "
+            "refusal intervals (run it from a timer).")
 
     def handle(self, *args, **options):
         expired = expire_stale_jobs()
-        self.stdout.write(f"{expired} stale job(s) failed")
+        aggregates = flush_refusals()
+        self.stdout.write(f"{expired} stale job(s) failed, "
+                          f"{aggregates} refusal aggregate(s) written")
