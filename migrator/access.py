@@ -11,7 +11,8 @@ from portal import roles
 
 OPERATE_SCOPES = {"save": "guests:save", "migrate": "guests:migrate",
                   "restore": "images:restore", "abort": "guests:save",
-                  "resolve": "guests:migrate", "settle": "guests:save"}
+                  "resolve": "guests:migrate", "resolve_claim": "guests:migrate",
+                  "settle": "guests:save"}
 
 
 def can_see_all(user) -> bool:
@@ -35,8 +36,8 @@ def can_view_job(user, job) -> bool:
 
 
 def can_operate(request, action) -> bool:
-    """Save, migrate, abort, resolve and settle are admin actions; restore is checked
-    per image."""
+    """Save, migrate, abort, settling an unknown job and resolving (an in-doubt
+    migration, a claim conflict) are admin actions; restore is checked per image."""
     if action != "restore" and not roles.acts_as_admin(request):
         return False
     return roles.token_allows(request, OPERATE_SCOPES[action])

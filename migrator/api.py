@@ -1,4 +1,5 @@
 """/api/v1/ hosts, guests and jobs."""
+from django.db.models import Prefetch
 from django.shortcuts import get_object_or_404
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
@@ -8,13 +9,14 @@ from rest_framework.permissions import BasePermission
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from migrator import access, indoubt, inventory, migration, orchestrate, progress
+from migrator import access, claims, indoubt, inventory, migration, orchestrate, progress
 from migrator.models import Guest, Host
 from migrator.serializers import (
     GuestSerializer,
     HostSerializer,
     JobSerializer,
     MigrateRequestSerializer,
+    ResolveConflictRequestSerializer,
     ResolveRequestSerializer,
     RestoreRequestSerializer,
     SettleRequestSerializer,
@@ -64,19 +66,41 @@ class HostList(generics.ListAPIView):
     queryset = Host.objects.all()
 
 
+def guests_with_conflicts():
+    return Guest.objects.select_related("host").prefetch_related(
+        "domain_ids", Prefetch("claim_conflicts", to_attr="open_conflicts",
+                               queryset=claims.open_conflicts().select_related(None)
+                               .select_related("claimant")))
+
+
 class GuestList(generics.ListAPIView):
     serializer_class = GuestSerializer
     permission_classes = [InventoryPermission]
 
     def get_queryset(self):
-        return Guest.objects.select_related("host").prefetch_related("domain_ids")
+        return guests_with_conflicts()
 
 
 class GuestDetail(generics.RetrieveAPIView):
     serializer_class = GuestSerializer
     permission_classes = [InventoryPermission]
     lookup_field = "uuid"
-    queryset = Guest.objects.select_related("host")
+
+    def get_queryset(self):
+        return guests_with_conflicts()
+
+
+class GuestResolveConflict(APIView):
+    """Settle a claim conflict: refuse the claim, or place the guest on the claimant."""
+
+    @extend_schema(request=ResolveConflictRequestSerializer, responses={
+        200: GuestSerializer, 409: STARTED[409]})
+    def post(self, request, uuid):
+        body = ResolveConflictRequestSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        guest = run(claims.request_resolve, request, uuid, body.validated_data["decision"],
+                    body.validated_data["host"])
+        return Response(GuestSerializer(guest).data)
 
 
 class GuestSave(APIView):

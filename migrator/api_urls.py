@@ -8,6 +8,8 @@ urlpatterns = [
     path("guests/", api.GuestList.as_view(), name="api-guests"),
     path("guests/<uuid:uuid>", api.GuestDetail.as_view(), name="api-guest"),
     path("guests/<uuid:uuid>/save", api.GuestSave.as_view(), name="api-guest-save"),
+    path("guests/<uuid:uuid>/resolve-conflict", api.GuestResolveConflict.as_view(),
+         name="api-guest-conflict"),
     path("guests/<uuid:uuid>/migrate", api.GuestMigrate.as_view(), name="api-guest-migrate"),
     path("images/<uuid:pk>/restore", api.ImageRestore.as_view(), name="api-image-restore"),
     path("jobs/", api.JobList.as_view(), name="api-jobs"),

@@ -9,13 +9,14 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.utils import timezone
 
-from migrator import access, credentials, enrollment, inventory, progress
+from migrator import access, credentials, inventory, progress, refusals, revocation
 from migrator.models import Job
 from portal import audit
 from portal.models import ActorKind, Outcome
 
 log = logging.getLogger(__name__)
 REPLACED = 4001
+REVOKED = 4003
 
 
 def _header(scope, name):
@@ -34,6 +35,8 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
     """One host agent's connection: facts and events up, commands down."""
 
     host = None
+    revocations_sent = None  # the revoked serials this agent was last given
+    cut = False  # revoked: nothing more is read from or sent to this socket
 
     async def connect(self):
         self.host = await database_sync_to_async(self._authenticate)()
@@ -42,28 +45,20 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
             return
         await self.channel_layer.group_add(progress.host_group(self.host.name),
                                            self.channel_name)
-        await self.channel_layer.group_add(progress.ALL_AGENTS, self.channel_name)
         await self.accept()
+        revocation.watch(self)  # revoked from any process: closed within a second
 
     def _authenticate(self):
-        authorization = _header(self.scope, "authorization")
-        scheme, _, secret = authorization.partition(" ")
-        host = credentials.host_for_credential(secret.strip()) if scheme == "Host" else None
-        audit.record("host.connect", actor=audit.Actor(
-            ActorKind.HOST if host else ActorKind.ANONYMOUS,
-            f"host:{host.name}" if host else "unknown agent"),
-            target=f"host:{host.name}" if host else "agent-endpoint",
-            outcome=Outcome.ALLOWED if host else Outcome.DENIED,
-            source_ip=_client_ip(self.scope),
-            details={} if host else {"reason": "missing, unknown or revoked host credential"})
-        return host
+        # Rate-limited per address and audited there (record_refusal aggregates a flood).
+        return credentials.authenticate_agent(_header(self.scope, "authorization"),
+                                              _client_ip(self.scope))
 
     async def disconnect(self, code):
         if self.host is None:
             return
+        revocation.unwatch(self)
         await self.channel_layer.group_discard(progress.host_group(self.host.name),
                                                self.channel_name)
-        await self.channel_layer.group_discard(progress.ALL_AGENTS, self.channel_name)
         await database_sync_to_async(self._refresh_and_mark_offline)()
 
     def _refresh_and_mark_offline(self):
@@ -71,6 +66,13 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
         inventory.disconnected(self.host, self.channel_name)
 
     async def receive_json(self, message, **kwargs):
+        if self.cut:
+            return
+        # The database says whether the host is still enrolled, not this process's
+        # memory: the revocation may come from a command in another process.
+        if not await database_sync_to_async(revocation.still_enrolled)(self.host.pk):
+            await self.cut_off("the host was revoked", dropped=str(message.get("type", "")))
+            return
         handler = getattr(self, "on_" + str(message.get("type", "")).replace(".", "_"), None)
         if handler is None:
             log.warning("%s sent an unknown message type %r", self.host.name,
@@ -83,11 +85,13 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
 
     async def on_hello(self, message):
         acks = await database_sync_to_async(self._hello)(message)
-        revoked = await database_sync_to_async(enrollment.revoked_serials)()
-        # Revoked certificates, so the relocation port refuses them too.
+        revoked = await database_sync_to_async(revocation.revoked_serials)()
+        # Revoked certificates, so the relocation port refuses them too; on every
+        # connection, so an agent that missed a push while away catches up.
         await self.send_json({"type": "welcome", "host": self.host.name,
                               "server_time": timezone.now().isoformat(),
                               "revoked_serials": revoked})
+        self.revocations_sent = revoked
         for job_id in acks:
             await self.send_json({"type": "ack", "job": job_id})
 
@@ -104,6 +108,10 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
     def _inventory(self, message):
         inventory.heartbeat(self.host, message)
         inventory.expire_stale_jobs()  # heartbeats double as the sweeper's clock
+        audit.flush_refusals()  # and write closed refusal intervals' aggregates
+
+    async def on_relocation_refused(self, message):
+        await database_sync_to_async(refusals.record_relocation_refusal)(self.host, message)
 
     async def on_job_event(self, message):
         await database_sync_to_async(inventory.record_event)(self.host, message)
@@ -114,10 +122,29 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
             await self.send_json({"type": "ack", "job": job_id})
 
     async def agent_command(self, event):
-        await self.send_json(event["payload"])
+        if not self.cut:  # a revoked host gets nothing more, not even a job credential
+            await self.send_json(event["payload"])
 
     async def agent_replaced(self, event):
         await self.close(code=REPLACED)
+
+    async def send_revocations(self, serials):
+        """The revocation list changed: the agent's relocation port refuses them now."""
+        self.revocations_sent = serials
+        await self.send_json({"type": "revocations", "revoked_serials": serials})
+
+    async def cut_off(self, reason, dropped=""):
+        """The host was revoked: close its socket; what it sent since is not applied."""
+        if self.cut:
+            return
+        self.cut = True
+        revocation.unwatch(self)
+        await self.close(code=REVOKED)
+        await database_sync_to_async(audit.record)(
+            "host.cut_off", actor=audit.Actor(ActorKind.HOST, f"host:{self.host.name}"),
+            target=f"host:{self.host.name}", outcome=Outcome.DENIED,
+            source_ip=_client_ip(self.scope),
+            details={"reason": reason, **({"dropped": dropped} if dropped else {})})
 
 
 class JobsConsumer(AsyncJsonWebsocketConsumer):

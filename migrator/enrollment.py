@@ -7,10 +7,11 @@ from pathlib import Path
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
-from migrator import credentials, pki, progress, tls
-from migrator.models import Host
+from migrator import credentials, pki, tls
+from migrator.models import Host, JobCredential
 from portal import audit
 
 
@@ -145,6 +146,14 @@ def _value(value):
 
 
 def revoke(name, *, actor=None):
+    """Cut a host off: its credential, its certificate, its open agent socket.
+
+    The one way to revoke (the `hosts revoke` command calls it). It only writes:
+    the certificate to the CA's list (for CRLs), the host's row, and the end of
+    its unused job credentials (no image moves for it any more). The portal
+    processes read the row (migrator.revocation): they close the host's socket,
+    refuse what it sends and tell every other agent, whether or not this runs
+    in a process that shares their channel layer."""
     host = Host.objects.filter(name=name).first()
     if host is None:
         raise EnrollmentError(f"no host named {name}")
@@ -152,18 +161,14 @@ def revoke(name, *, actor=None):
         raise EnrollmentError(f"host {name} is already revoked")
     if host.cert_serial:
         certificate_authority().revoke(int(host.cert_serial))
-    host.revoked_at, host.online = timezone.now(), False
-    host.save(update_fields=["revoked_at", "online"])
-    if host.channel_name:
-        progress.send_to_channel(host.channel_name, {"type": "agent.replaced"})
-    progress.send_to_all_agents({"type": "revocations", "revoked_serials": revoked_serials()})
-    audit.record("host.revoke", actor=actor or audit.Actor.system(), target=f"host:{name}",
-                 details={"certificate_serial": host.cert_serial})
+    now = timezone.now()
+    with transaction.atomic():
+        host.revoked_at, host.online = now, False
+        host.save(update_fields=["revoked_at", "online"])
+        ended = JobCredential.objects.filter(
+            Q(job__source_host=host) | Q(job__destination_host=host),
+            used_at__isnull=True, expires_at__gt=now).update(expires_at=now)
+        audit.record("host.revoke", actor=actor or audit.Actor.system(), target=f"host:{name}",
+                     details={"certificate_serial": host.cert_serial,
+                              "job_credentials_ended": ended})
     return host
-
-
-def revoked_serials():
-    """Serials of revoked host certificates, for the agents' relocation ports."""
-    if not (settings.PKI_DIR / "ca-cert.pem").exists():
-        return []
-    return sorted(certificate_authority().revoked_serials())

@@ -12,8 +12,8 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from migrator import indoubt, progress
-from migrator.models import DomainIdRecord, Guest, Job, JobKind, JobState
+from migrator import claims, indoubt, progress
+from migrator.models import Guest, Job, JobKind, JobState
 from portal import audit
 from portal.models import ActorKind, Outcome
 from vault import service as vault_service
@@ -84,7 +84,9 @@ def _seen_with_guests(host, guests, update_fields=None):
 
 @transaction.atomic
 def sync_guests(host, reported):
-    """Make the portal's guest rows for ``host`` match the agent's list.
+    """Make the portal's guest rows for ``host`` match the agent's list, as far as the
+    host speaks for itself (migrator.claims): a guest the portal places on another host,
+    or in flight under a job without this host, is a refused claim and moves nothing.
 
     A guest arriving by live migration is listed by its destination (as incoming)
     before it runs there; until then the source's word stands. Otherwise the row would
@@ -95,10 +97,19 @@ def sync_guests(host, reported):
     arriving = _arriving_guests(host)
     seen = set()
     for info in reported:
-        if str(info.get("uuid", "")).lower() in arriving and info.get("state") != "running":
-            continue
         try:
-            guest = _upsert_guest(host, info)
+            fields = claims.guest_fields(info)
+            if fields["uuid"] in arriving and fields["state"] != "running":
+                continue
+            known = Guest.objects.select_for_update(of=("self",)).select_related(
+                "host").filter(uuid=fields["uuid"]).first()
+            reason = claims.refusal(host, known) if known is not None else ""
+            if reason and claims.leftover(host, known, fields):
+                continue
+            if reason:
+                claims.refuse_claim(host, known, info, reason)
+                continue
+            guest = claims.place_guest(host, info)
         except (KeyError, TypeError, ValueError):
             log.warning("ignoring malformed guest report from %s", host.name)
             continue
@@ -112,21 +123,6 @@ def _arriving_guests(host):
     return {str(uuid) for uuid in Job.objects.filter(
         kind=JobKind.MIGRATE, destination_host=host, state__in=in_flight,
     ).values_list("guest_uuid", flat=True)}
-
-
-def _upsert_guest(host, info):
-    guest, _ = Guest.objects.select_for_update().get_or_create(
-        uuid=info["uuid"], defaults={"name": str(info["name"])[:200]})
-    if guest.host_id != host.id or guest.domain_id != info.get("domain_id"):
-        DomainIdRecord.objects.create(guest=guest, host_name=host.name,
-                                      domain_id=int(info["domain_id"]))
-    guest.host, guest.domain_id = host, int(info["domain_id"])
-    guest.name = str(info["name"])[:200]
-    guest.memory_mib, guest.vcpus = int(info["memory_mib"]), int(info.get("vcpus", 1))
-    guest.state, guest.active = str(info.get("state", ""))[:16], bool(info.get("active"))
-    guest.config = info.get("config") or {}
-    guest.save()
-    return guest
 
 
 def _job_of(host, job_id):
@@ -293,7 +289,7 @@ def _apply_outcome(host, job, result):
                                                                         dict):
         owner = job.destination_host if job.kind == JobKind.MIGRATE else host
         try:
-            _upsert_guest(owner, result["guest"])
+            claims.place_guest(owner, result["guest"])
         except (KeyError, TypeError, ValueError):
             log.warning("ignoring malformed guest in %s's result for job %s", host.name, job.id)
 

@@ -15,6 +15,25 @@ from migrator.models import Host, Job, JobKind
 from migrator.orchestrate import _not_busy, _online_host, _refuse, audits_refusals, running_guest
 
 TICKET_SECONDS = 300
+# The largest bandwidth cap one may ask for, MB/s (800 Gbit/s: more than any link).
+MAX_BANDWIDTH_MBPS = 100_000
+BANDWIDTH_HINT = (f"the bandwidth cap is a whole number of MB/s from 1 to "
+                  f"{MAX_BANDWIDTH_MBPS} (leave it out for the default)")
+
+
+def bandwidth_cap(text):
+    """The cap typed on the Migrate page: None if blank (the default), else
+    a whole number of MB/s in 1..MAX_BANDWIDTH_MBPS; ValueError otherwise."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(BANDWIDTH_HINT) from None
+    if not 1 <= value <= MAX_BANDWIDTH_MBPS:
+        raise ValueError(BANDWIDTH_HINT)
+    return value
 
 
 def precheck(guest, destination):
@@ -62,7 +81,7 @@ def _subnet_check(guest, destination):
 
 
 def parameters(live=True, downtime_ms=None, max_rounds=None, max_data_factor=None,
-               auto_converge=None, max_seconds=None, verify=None):
+               auto_converge=None, max_seconds=None, verify=None, max_bandwidth_mbps=None):
     return {
         "live": bool(live),
         "downtime_ms": downtime_ms or settings.MIGRATION_DOWNTIME_MS,
@@ -72,6 +91,8 @@ def parameters(live=True, downtime_ms=None, max_rounds=None, max_data_factor=Non
         "auto_converge": settings.MIGRATION_AUTO_CONVERGE if auto_converge is None
         else bool(auto_converge),
         "verify": verify or settings.MIGRATION_VERIFY,
+        # 0: no cap (both engines send as fast as the link and the guest allow).
+        "max_bandwidth_mbps": max_bandwidth_mbps or settings.MIGRATION_MAX_BANDWIDTH_MBPS,
     }
 
 

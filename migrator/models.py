@@ -287,8 +287,42 @@ class Job(models.Model):
         return self._move(JobState.ABORTED, error=reason, finished_at=timezone.now())
 
 
+class ClaimConflict(models.Model):
+    """A host reported a guest the portal places elsewhere (or in flight under a job
+    that does not involve that host). The report moved nothing; the conflict blocks
+    new jobs on the guest until an admin resolves it (migrator.claims)."""
+
+    OPEN = "open"
+    REFUSED = "refused"    # the admin kept the portal's record
+    ACCEPTED = "accepted"  # the admin placed the guest on the claimant
+
+    guest = models.ForeignKey(Guest, on_delete=models.CASCADE, related_name="claim_conflicts")
+    claimant = models.ForeignKey(Host, on_delete=models.CASCADE, related_name="+")
+    # Where the portal placed the guest when the claim came (empty: on no host).
+    recorded_host = models.CharField(max_length=63, blank=True)
+    reason = models.CharField(max_length=500)
+    report = models.JSONField(default=dict, blank=True)  # the claimant's last report of it
+    first_seen = models.DateTimeField(default=timezone.now)
+    last_seen = models.DateTimeField(default=timezone.now)
+    reports = models.PositiveIntegerField(default=1)
+    state = models.CharField(max_length=16, default=OPEN, db_index=True)
+    resolved_at = models.DateTimeField(null=True, blank=True)
+    resolved_by = models.CharField(max_length=200, blank=True)
+
+    class Meta:
+        ordering = ["-first_seen"]
+        constraints = [models.UniqueConstraint(
+            fields=["guest", "claimant"], condition=models.Q(state="open"),
+            name="one_open_claim_conflict_per_guest_and_host")]
+
+    def __str__(self):
+        return f"{self.claimant_id} claims {self.guest_id} ({self.state})"
+
+
 class JobCredential(models.Model):
-    """A single-use secret an agent presents to stream one job's image bytes."""
+    """A single-use secret an agent presents to stream one job's image bytes: bound to
+    one job, one host (whose agent must present its host credential with it), one
+    direction (``purpose``) and, for a download, one image."""
 
     UPLOAD = "upload"
     DOWNLOAD = "download"
@@ -296,6 +330,10 @@ class JobCredential(models.Model):
     digest = models.CharField(max_length=64, primary_key=True)
     job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="credentials")
     purpose = models.CharField(max_length=16)
+    # The host whose agent was given it; null only for credentials issued before
+    # hosts were bound (they are refused: see credentials.JobCredentialAuthentication).
+    host = models.ForeignKey(Host, null=True, blank=True, on_delete=models.CASCADE,
+                             related_name="+")
     image_id = models.UUIDField(null=True, blank=True)
     expires_at = models.DateTimeField()
     used_at = models.DateTimeField(null=True, blank=True)

@@ -12,6 +12,7 @@ from django.utils import timezone
 from migrator import access, credentials, progress
 from migrator.models import (
     SETTLED_STATES,
+    ClaimConflict,
     Guest,
     Host,
     Job,
@@ -77,10 +78,22 @@ def _online_host(request, action, target, host):
 
 
 def _not_busy(request, action, target, guest_uuid):
+    _not_in_conflict(request, action, target, guest_uuid)
     busy = Job.objects.filter(guest_uuid=guest_uuid, state__in=IN_FLIGHT).first()
     if busy:
         _refuse(request, action, target, 409, "guest_busy",
                 f"The guest is busy with a {busy.kind} job ({busy.id}).")
+
+
+def _not_in_conflict(request, action, target, guest_uuid):
+    """A host claims this guest against the portal's record (migrator.claims): until an
+    admin resolves it, no job may act on what could be the wrong copy."""
+    conflict = ClaimConflict.objects.filter(guest_id=guest_uuid, state=ClaimConflict.OPEN
+                                            ).select_related("claimant").first()
+    if conflict is not None:
+        _refuse(request, action, target, 409, "guest_in_conflict",
+                f"Host {conflict.claimant.name} claims this guest against the portal's "
+                "record; an admin must resolve the conflict before any new job.")
 
 
 def running_guest(request, action, guest_uuid):
@@ -106,13 +119,18 @@ def request_save(request, guest_uuid) -> Job:
         guest = running_guest(request, "guest.save", guest_uuid)
         host = _online_host(request, "guest.save", target, guest.host)
         _not_busy(request, "guest.save", target, guest.uuid)
+        name = f"{guest.name} {timezone.now():%Y-%m-%d %H:%M:%S}"
+        # The image's metadata comes from here, not from the agent's upload headers.
+        image = {"name": name, "memory_mib": guest.memory_mib or None,
+                 "vcpus": guest.vcpus or None, "architecture": host.arch,
+                 "virt_extensions": ",".join(host.virt_extensions)}
         job = Job.objects.create(kind=JobKind.SAVE, requester=request.user,
                                  guest_uuid=guest.uuid, guest_name=guest.name, source_host=host,
-                                 total_bytes=guest.memory_mib * 1024 * 1024)
+                                 total_bytes=guest.memory_mib * 1024 * 1024,
+                                 parameters={"image": image})
         secret = credentials.issue_job_credential(job, JobCredential.UPLOAD)
     audit.record_request(request, "guest.save", target=target,
                          details={"job": str(job.id), "host": host.name})
-    name = f"{guest.name} {timezone.now():%Y-%m-%d %H:%M:%S}"
     progress.send_to_host(host.name, {
         "type": "command", "job": str(job.id), "action": "save", "guest": str(guest.uuid),
         # A path: the agent sends image bytes only to the portal it is enrolled with.

@@ -20,7 +20,6 @@ from django.db.models import F
 from migrator.models import Job
 
 ALL_JOBS = "jobs"
-ALL_AGENTS = "agents"
 
 
 def job_group(job_id) -> str:
@@ -86,7 +85,3 @@ def host_group(host_name) -> str:
 def send_to_channel(channel_name, message):
     async_to_sync(get_channel_layer().send)(channel_name, message)
 
-
-def send_to_all_agents(payload):
-    async_to_sync(get_channel_layer().group_send)(ALL_AGENTS,
-                                                  {"type": "agent.command", "payload": payload})

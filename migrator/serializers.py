@@ -3,6 +3,8 @@ from django.core.validators import RegexValidator
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from migrator import claims
+from migrator.migration import BANDWIDTH_HINT, MAX_BANDWIDTH_MBPS
 from migrator.models import Guest, Host
 from migrator.pki import HOST_NAME_RE
 from migrator.relocation.verify import VERIFY_MODES
@@ -20,14 +22,38 @@ class HostSerializer(serializers.ModelSerializer):
                   "storage", "online", "unresponsive", "last_seen", "revoked_at"]
 
 
+class ClaimSerializer(serializers.Serializer):
+    host = serializers.CharField(help_text="the host that reports the guest as its own")
+    reason = serializers.CharField()
+    first_seen = serializers.DateTimeField()
+    last_seen = serializers.DateTimeField()
+    reports = serializers.IntegerField(help_text="how many of its reports claimed it")
+
+
+class ConflictSerializer(serializers.Serializer):
+    recorded_host = serializers.CharField(allow_null=True,
+                                          help_text="where the portal places the guest")
+    claims = ClaimSerializer(many=True)
+
+
 class GuestSerializer(serializers.ModelSerializer):
     host = serializers.SlugRelatedField(slug_field="name", read_only=True)
     domain_ids = serializers.SerializerMethodField()
+    conflict = serializers.SerializerMethodField()
 
     class Meta:
         model = Guest
         fields = ["uuid", "name", "host", "domain_id", "memory_mib", "vcpus", "state",
-                  "active", "config", "domain_ids"]
+                  "active", "config", "domain_ids", "conflict"]
+
+    @extend_schema_field(ConflictSerializer(allow_null=True))
+    def get_conflict(self, guest):
+        """Open claim conflicts (another host reports this guest): no new job until an
+        admin resolves them (POST …/resolve-conflict)."""
+        conflicts = getattr(guest, "open_conflicts", None)
+        if conflicts is None:
+            conflicts = list(claims.open_conflicts(guest.uuid))
+        return claims.conflict_json(conflicts)
 
     @extend_schema_field(serializers.ListField(child=serializers.DictField()))
     def get_domain_ids(self, guest):
@@ -61,6 +87,13 @@ class MigrateRequestSerializer(serializers.Serializer):
         help_text="the commit check: sampled (default; pages of actual memory), "
                   "incremental (every page sent, during pre-copy) or full (SHA-256 of "
                   "all memory, inside the downtime)")
+    max_bandwidth_mbps = serializers.IntegerField(
+        min_value=1, max_value=MAX_BANDWIDTH_MBPS, required=False,
+        error_messages={key: BANDWIDTH_HINT for key in ("invalid", "null", "min_value",
+                                                         "max_value", "max_string_length")},
+        help_text="the bandwidth cap in MB/s (10**6 bytes/s) on the wire, for QEMU's stream "
+                  "and the relocation channel alike; absent: "
+                  "BERTH_MIGRATION_MAX_BANDWIDTH_MBPS (0 there: no cap)")
 
 
 class ResolveRequestSerializer(serializers.Serializer):
@@ -71,6 +104,14 @@ class SettleRequestSerializer(serializers.Serializer):
     state = serializers.ChoiceField(choices=["succeeded", "failed"])
     reason = serializers.CharField(required=False, allow_blank=True, max_length=500,
                                    help_text="what the admin found on the host")
+
+
+class ResolveConflictRequestSerializer(serializers.Serializer):
+    decision = serializers.ChoiceField(
+        choices=list(claims.DECISIONS),
+        help_text="refuse: the portal's record stands; accept: the guest runs on `host`")
+    host = serializers.CharField(max_length=63, required=False, default="",
+                                 help_text="with accept: the claimant the guest runs on")
 
 
 class GuestRefSerializer(serializers.Serializer):

@@ -39,7 +39,15 @@ StrPath = str | PathLike[str]
 
 
 class PeerIdentityError(Exception):
-    """The peer is not (or not verifiably) the host it must be, or is not allowed."""
+    """The peer is not (or not verifiably) the host it must be, or is not allowed.
+
+    ``peer``: its authenticated identity when the refusal came after the certificate
+    was verified (revoked, not allowed), so a refusal can say who it was.
+    """
+
+    def __init__(self, message: str, peer: str | None = None) -> None:
+        super().__init__(message)
+        self.peer = peer
 
 
 class PeerRevokedError(PeerIdentityError):
@@ -125,7 +133,7 @@ def expected_peer(ssl_object: ssl.SSLSocket | ssl.SSLObject, expected_host_name:
     identity = peer_identity(ssl_object)
     if identity != expected_host_name:
         raise PeerIdentityError(
-            f"peer is {identity!r}, expected {expected_host_name!r}")
+            f"peer is {identity!r}, expected {expected_host_name!r}", identity)
     return identity
 
 
@@ -137,9 +145,11 @@ def check_not_revoked(ssl_object: ssl.SSLSocket | ssl.SSLObject,
     ``CertificateAuthority.revoked_serials()``.  Serial numbers are unique per
     issuer, and the channel trusts a single CA.
     """
-    cert = x509.load_der_x509_certificate(_verified_peer_der(ssl_object))
+    der = _verified_peer_der(ssl_object)
+    cert = x509.load_der_x509_certificate(der)
     if cert.serial_number in revoked_serials:
-        raise PeerRevokedError(f"peer certificate serial {cert.serial_number:x} is revoked")
+        raise PeerRevokedError(f"peer certificate serial {cert.serial_number:x} is revoked",
+                               host_identity(der))
 
 
 def _peer_address(ssl_object: ssl.SSLSocket | ssl.SSLObject) -> str | None:
@@ -239,7 +249,8 @@ def authorize_peer(ssl_object: ssl.SSLSocket | ssl.SSLObject, *, allow_list: All
     peer_address = address if address is not None else _peer_address(ssl_object)
     if not allow_list.allows(identity, peer_address):
         raise PeerNotAllowedError(
-            f"peer {identity!r} at {peer_address} is not on the relocation allow-list")
+            f"peer {identity!r} at {peer_address} is not on the relocation allow-list",
+            identity)
     return identity
 
 

@@ -10,6 +10,8 @@ urlpatterns = [
     path("<uuid:pk>/settle", views.job_settle, name="job-settle"),
     path("guests/<uuid:uuid>/", views.guest_detail, name="guest"),
     path("guests/<uuid:uuid>/save", views.guest_save, name="guest-save"),
+    path("guests/<uuid:uuid>/resolve-conflict", views.guest_resolve_conflict,
+         name="guest-conflict"),
     path("guests/<uuid:uuid>/migrate", views.guest_migrate, name="guest-migrate"),
     path("restore/<uuid:pk>", views.image_restore, name="image-restore"),
 ]

@@ -5,7 +5,7 @@ from django.contrib.auth.decorators import login_required
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
-from migrator import access, indoubt, inventory, migration, orchestrate
+from migrator import access, claims, indoubt, inventory, migration, orchestrate
 from migrator.models import Guest, Host
 from migrator.relocation.verify import VERIFY_MODES
 from portal.roles import reader_required
@@ -17,7 +17,9 @@ def dashboard_context(request):
     inventory.expire_stale_jobs()
     hosts = Host.objects.prefetch_related("guests")
     return {"hosts": hosts, "jobs": access.visible_jobs(request)[:10],
-            "can_save": access.can_operate(request, "save")}
+            "can_save": access.can_operate(request, "save"),
+            "conflicts": list(claims.open_conflicts()[:100]),
+            "can_resolve_claims": access.can_operate(request, "resolve_claim")}
 
 
 @login_required
@@ -43,6 +45,8 @@ def guest_detail(request, uuid):
     return render(request, "migrator/guest.html", {
         "guest": guest, "history": guest.domain_ids.all()[:50],
         "in_doubt": indoubt.open_jobs(guest.uuid),
+        "conflicts": list(claims.open_conflicts(guest.uuid)),
+        "can_resolve_claims": access.can_operate(request, "resolve_claim"),
         "can_save": access.can_operate(request, "save")})
 
 
@@ -63,6 +67,19 @@ def guest_save(request, uuid):
     return redirect("job", pk=job.id) if job else redirect("dashboard")
 
 
+@login_required
+@require_POST
+def guest_resolve_conflict(request, uuid):
+    decision = request.POST.get("decision", "")
+    if _run(request, claims.request_resolve, uuid, decision, request.POST.get("host", "")):
+        messages.success(request, "Claim accepted: the guest now runs on "
+                         f"{request.POST.get('host', '')}." if decision == "accept"
+                         else "Claim refused: the portal's record stands.")
+    if request.POST.get("next") == "guest":
+        return redirect("guest", uuid=uuid)
+    return redirect("dashboard")
+
+
 @reader_required
 def guest_migrate(request, uuid):
     """Choose a destination, see the pre-check, confirm."""
@@ -73,8 +90,13 @@ def guest_migrate(request, uuid):
         if verify not in (None, *VERIFY_MODES):
             messages.error(request, f"Unknown commit check {verify!r}.")
             return redirect("guest-migrate", uuid=uuid)
+        try:
+            cap = migration.bandwidth_cap(request.POST.get("max_bandwidth_mbps"))
+        except ValueError as exc:
+            messages.error(request, f"{str(exc)[:1].upper()}{str(exc)[1:]}.")
+            return redirect("guest-migrate", uuid=uuid)
         job = _run(request, migration.request_migrate, uuid, request.POST.get("destination", ""),
-                   live=live, verify=verify)
+                   live=live, verify=verify, max_bandwidth_mbps=cap)
         return redirect("job", pk=job.id) if job else redirect("guest-migrate", uuid=uuid)
     destinations = Host.objects.exclude(id=guest.host_id).filter(revoked_at__isnull=True)
     chosen = destinations.filter(name=request.GET.get("destination", "")).first()
@@ -83,7 +105,9 @@ def guest_migrate(request, uuid):
         "guest": guest, "destinations": destinations, "chosen": chosen, "checks": checks,
         "all_ok": bool(checks) and all(ok for _, ok, _ in checks),
         "can_migrate": access.can_operate(request, "migrate"),
-        "verify_default": settings.MIGRATION_VERIFY})
+        "verify_default": settings.MIGRATION_VERIFY,
+        "bandwidth_default": settings.MIGRATION_MAX_BANDWIDTH_MBPS,
+        "bandwidth_max": migration.MAX_BANDWIDTH_MBPS})
 
 
 @vault_access.image_login_required("restore")

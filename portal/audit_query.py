@@ -6,6 +6,7 @@ import json
 from asgiref.sync import sync_to_async
 from django import forms
 
+from portal.audit import flush_refusals
 from portal.models import AuditRecord, Outcome
 
 EXPORT_FIELDS = ("seq", "time", "actor_kind", "actor", "action", "target", "outcome",
@@ -41,7 +42,12 @@ class AuditFilter(forms.Form):
 
 
 def filtered_records(params):
-    """(form, queryset): the queryset is empty when the form is invalid."""
+    """(form, queryset): the queryset is empty when the form is invalid.
+
+    Closed refusal intervals are written first, so a reader never misses an aggregate
+    only because no refusal or sweep has come since (portal.audit.flush_refusals).
+    """
+    flush_refusals()
     form = AuditFilter(params)
     if not form.is_valid():
         return form, AuditRecord.objects.none()
@@ -79,6 +85,16 @@ async def export_csv(queryset):
     batches = _batches(queryset)
     while rows := await sync_to_async(next)(batches, None):
         yield "".join(_csv_line([_csv_value(as_dict(r)[f]) for f in EXPORT_FIELDS]) for r in rows)
+
+
+async def export_chain(queryset=None):
+    """The whole chain with its plain SHA-256 digests and signed anchors
+    (portal/audit_verifier.py): filters do not apply, an auditor checks it all."""
+    from portal.audit_anchor import chain_export  # it imports the vault's storage lazily
+
+    chunks = chain_export()
+    while (chunk := await sync_to_async(next)(chunks, None)) is not None:
+        yield chunk
 
 
 def _csv_value(value):

@@ -81,3 +81,36 @@ class APIToken(AbstractAuthToken):
     @property
     def prefix(self) -> str:
         return self.token_key
+
+
+class RefusalWindow(models.Model):
+    """Refusals of one kind from one source, aggregated over one interval.
+
+    The first refusal of an interval is an audit record at once; later ones only
+    count here, and the interval's aggregate becomes one record when it closes
+    (portal/audit.py, ``record_refusal``). A row in the database, not a cache key,
+    so every portal process counts into the same window and the count survives a
+    restart: a flood cannot grow the audit trail, and nothing it did is lost.
+    """
+
+    action = models.CharField(max_length=64)
+    source = models.CharField(max_length=200)
+    opened_at = models.DateTimeField()
+    closes_at = models.DateTimeField(db_index=True)
+    count = models.PositiveIntegerField(default=1)  # in this interval, the first included
+    first_counted_at = models.DateTimeField(null=True)  # the first one not yet written
+    last_at = models.DateTimeField()
+    # The written record's actor, target and address, repeated by the aggregate.
+    actor_kind = models.CharField(max_length=16, choices=ActorKind.choices)
+    actor = models.CharField(max_length=200)
+    target = models.CharField(max_length=300, blank=True)
+    source_ip = models.GenericIPAddressField(null=True, blank=True)
+    outcome = models.CharField(max_length=16, choices=Outcome.choices, default=Outcome.DENIED)
+    reasons = models.JSONField(default=list, blank=True)  # a few distinct ones
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["action", "source"],
+                                               name="one_refusal_window_per_source")]
+
+    def __str__(self):
+        return f"{self.action} from {self.source}: {self.count} until {self.closes_at}"

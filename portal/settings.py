@@ -73,6 +73,25 @@ try:  # an unreadable keyring would fail every audited request: stop at start-up
     AuditKeyring(AUDIT_KEYRING, AUDIT_KEY)
 except AuditKeyError as exc:
     raise ImproperlyConfigured(str(exc)) from None
+# Audit anchors (portal/audit_anchor.py): the chain's head, signed with an Ed25519
+# key kept apart from the database and the audit key, written outside the database
+# so a cut tail shows. The key is created on first use (0600).
+AUDIT_ANCHOR_KEY = Path(env("AUDIT_ANCHOR_KEY", str(KEYS_DIR / "audit-anchor.key")))
+# Append-only file of anchors ("" = none); syslog ("" = none, a socket path such as
+# /dev/log, or host:port for UDP). With BERTH_VAULT_STORAGE=s3 each anchor is also an
+# object in the vault's bucket.
+AUDIT_ANCHOR_FILE = env("AUDIT_ANCHOR_FILE", str(DATA_DIR / "audit-anchors.jsonl"))
+AUDIT_ANCHOR_SYSLOG = env("AUDIT_ANCHOR_SYSLOG", "")
+# Each portal process anchors the head this often when it has moved (0 = never: run
+# `manage.py audit anchor` from a timer instead).
+AUDIT_ANCHOR_INTERVAL_SECONDS = env_int("AUDIT_ANCHOR_INTERVAL_SECONDS", 300)
+# Refusals from one source (an address, a host) are aggregated over this interval: the
+# first is a record at once, the rest one record with their count when it closes
+# (portal/audit.py, record_refusal). Beyond MAX_SOURCES sources of one kind of refusal
+# in an interval, the others share one window, so a flood from many addresses is
+# bounded too.
+AUDIT_REFUSAL_INTERVAL_SECONDS = env_int("AUDIT_REFUSAL_INTERVAL_SECONDS", 60)
+AUDIT_REFUSAL_MAX_SOURCES = env_int("AUDIT_REFUSAL_MAX_SOURCES", 1000)
 
 DEBUG = env_bool("DEBUG")
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "127.0.0.1,localhost,[::1]")
@@ -341,6 +360,9 @@ JOB_START_TIMEOUT_SECONDS = env_int("JOB_START_TIMEOUT_SECONDS", 60)
 # and gets no new jobs:
 # its socket is open, but it has stopped talking (frozen, overloaded, half-dead link).
 HOST_UNRESPONSIVE_SECONDS = env_int("HOST_UNRESPONSIVE_SECONDS", 30)
+# Refused /ws/agent/ handshakes from one address per AUDIT_REFUSAL_INTERVAL_SECONDS; beyond,
+# the address is refused without its credential being looked at until the interval ends.
+AGENT_CONNECT_FAILURE_LIMIT = env_int("AGENT_CONNECT_FAILURE_LIMIT", 10)
 
 # Live migration stop conditions (Xen's spirit: 30 rounds, 3x memory), per
 # migration overridable.
@@ -352,6 +374,12 @@ MIGRATION_AUTO_CONVERGE = env_bool("MIGRATION_AUTO_CONVERGE", True)
 MIGRATION_MAX_SECONDS = env_int("MIGRATION_MAX_SECONDS", 600)
 # The commit check (docs/relocation-protocol.md, section 5): sampled | incremental | full.
 MIGRATION_VERIFY = env_choice("MIGRATION_VERIFY", "sampled", ("sampled", "incremental", "full"))
+# The bandwidth cap of a live migration, MB/s (10**6 bytes/s) on the wire; 0: none.
+# Per migration: max_bandwidth_mbps, 1..100000 (migrator.migration.MAX_BANDWIDTH_MBPS).
+MIGRATION_MAX_BANDWIDTH_MBPS = env_int("MIGRATION_MAX_BANDWIDTH_MBPS", 0)
+if not 0 <= MIGRATION_MAX_BANDWIDTH_MBPS <= 100_000:
+    raise ImproperlyConfigured("BERTH_MIGRATION_MAX_BANDWIDTH_MBPS must be 0 (no cap) to "
+                               f"100000 MB/s, not {MIGRATION_MAX_BANDWIDTH_MBPS}")
 
 # --- static files -------------------------------------------------------------
 STATIC_URL = "static/"

@@ -28,10 +28,15 @@ def on_login_failed(sender, credentials, request=None, **kwargs):
     username = str(credentials.get("username", ""))[:150]
     # django-axes marks a sign-in it refused, unchecked, during a lockout.
     locked = getattr(request, "axes_locked_out", False)
-    audit.record("auth.login", actor=audit.Actor(ActorKind.ANONYMOUS, username or "anonymous"),
-                 target=f"user:{username}", outcome=Outcome.FAILED,
-                 source_ip=audit.client_ip(request),
-                 details={"reason": "locked out" if locked else "bad credentials"})
+    actor = audit.Actor(ActorKind.ANONYMOUS, username or "anonymous")
+    address = audit.client_ip(request)
+    if locked:  # repeatable at will during the lockout: aggregated per address
+        audit.record_refusal("auth.login", actor=actor, source=address or "unknown address",
+                             target=f"user:{username}", outcome=Outcome.FAILED,
+                             source_ip=address, details={"reason": "locked out"})
+        return
+    audit.record("auth.login", actor=actor, target=f"user:{username}", outcome=Outcome.FAILED,
+                 source_ip=address, details={"reason": "bad credentials"})
 
 
 def on_lockout(sender, request, username, ip_address, **kwargs):
@@ -39,12 +44,17 @@ def on_lockout(sender, request, username, ip_address, **kwargs):
     failures = getattr(request, "axes_failures_since_start", None)
     cool_off = int(settings.AXES_COOLOFF_TIME.total_seconds() // 60)
     username = str(username or "")[:150]
-    audit.record("auth.lockout", actor=audit.Actor(ActorKind.ANONYMOUS, username or "anonymous"),
-                 target=f"user:{username}", outcome=Outcome.DENIED, source_ip=ip_address,
-                 details={"reason": ("too many failed sign-ins" if failures is not None
-                                     else "sign-in attempted while locked out"),
-                          "failures": failures,
-                          "cool_off_minutes": cool_off})
+    actor = audit.Actor(ActorKind.ANONYMOUS, username or "anonymous")
+    if failures is None:  # an attempt during the lockout, as often as anyone likes
+        audit.record_refusal("auth.lockout", actor=actor, source=ip_address or "unknown address",
+                             target=f"user:{username}", source_ip=ip_address,
+                             details={"reason": "sign-in attempted while locked out",
+                                      "cool_off_minutes": cool_off})
+        return
+    audit.record("auth.lockout", actor=actor, target=f"user:{username}", outcome=Outcome.DENIED,
+                 source_ip=ip_address, details={"reason": "too many failed sign-ins",
+                                                "failures": failures,
+                                                "cool_off_minutes": cool_off})
 
 
 def connect_lockout_audit():

@@ -6,12 +6,16 @@ log = logging.getLogger(__name__)
 
 
 def _housekeeping():
+    from portal.audit_anchor import start_timer
     from vault.maintenance import cleanup_at_startup
 
     try:
         cleanup_at_startup()
     except Exception:  # a portal that cannot clean up must still serve; say why
         log.exception("start-up vault cleanup failed")
+    # Every portal process anchors the audit chain's head outside the database
+    # (BERTH_AUDIT_ANCHOR_INTERVAL_SECONDS; 0 leaves it to a system timer).
+    start_timer()
 
 
 def run_startup_housekeeping():

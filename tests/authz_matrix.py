@@ -86,6 +86,8 @@ OPERATIONS = {
     ("job-settle", "POST"): Operation("/jobs/{unknown}/settle", {"state": "failed"}),
     ("guest", "GET"): Operation("/jobs/guests/{guest}/"),
     ("guest-save", "POST"): Operation("/jobs/guests/{guest}/save"),
+    ("guest-conflict", "POST"): Operation("/jobs/guests/{conflicted}/resolve-conflict",
+                                          {"decision": "refuse"}),
     ("guest-migrate", "GET"): Operation("/jobs/guests/{guest}/migrate"),
     ("guest-migrate", "POST"): Operation("/jobs/guests/{guest}/migrate",
                                          {"destination": "{hostc}", "live": "1"}),
@@ -109,6 +111,8 @@ OPERATIONS = {
     ("api-guests", "GET"): api("/api/v1/guests/"),
     ("api-guest", "GET"): api("/api/v1/guests/{guest}"),
     ("api-guest-save", "POST"): api("/api/v1/guests/{guest}/save"),
+    ("api-guest-conflict", "POST"): api(
+        "/api/v1/guests/{conflicted}/resolve-conflict", {"decision": "refuse"}),
     ("api-guest-migrate", "POST"): api("/api/v1/guests/{guest}/migrate",
                                        {"destination": "{hostc}"}),
     ("api-image-restore", "POST"): api("/api/v1/images/{image}/restore", {"host": "{hostc}"},
@@ -159,6 +163,7 @@ job-resolve            POST    in    go    err   err   404   in    in    in    i
 job-settle             POST    in    go    err   err   404   in    in    in    in    in
 guest                  GET     in    200   200   200   403   in    in    in    in    in
 guest-save             POST    in    go    err   err   err   in    in    in    in    in
+guest-conflict         POST    in    go    err   err   err   in    in    in    in    in
 guest-migrate          GET     in    200   200   200   403   in    in    in    in    in
 guest-migrate          POST    in    go    err   err   403   in    in    in    in    in
 image-restore          POST    in    go    err   err   err   in    in    in    in    in
@@ -179,6 +184,7 @@ api-hosts              GET     401   200   200   200   403   401   401   401   4
 api-guests             GET     401   200   200   200   403   401   401   401   403   403
 api-guest              GET     401   200   200   200   403   401   401   401   403   403
 api-guest-save         POST    401   202   403   403   403   401   401   401   403   403
+api-guest-conflict     POST    401   200   403   403   403   401   401   401   403   403
 api-guest-migrate      POST    401   202   403   403   403   401   401   401   403   403
 api-image-restore      POST    401   202   403   403   403   401   401   401   403   403
 api-jobs               GET     401   200   200   200   200-  401   401   401   200-  200-
@@ -226,6 +232,7 @@ job-resolve            POST    in    in    in    in    in    in    in    in    i
 job-settle             POST    in    in    in    in    in    in    in    in    in    in
 guest                  GET     in    in    in    in    in    in    in    in    in    in
 guest-save             POST    in    in    in    in    in    in    in    in    in    in
+guest-conflict         POST    in    in    in    in    in    in    in    in    in    in
 guest-migrate          GET     in    in    in    in    in    in    in    in    in    in
 guest-migrate          POST    in    in    in    in    in    in    in    in    in    in
 image-restore          POST    in    in    in    in    in    in    in    in    in    in
@@ -246,6 +253,7 @@ api-hosts              GET     403   403   403   403   403   200   403   403   4
 api-guests             GET     403   403   403   403   403   200   403   403   403   403
 api-guest              GET     403   403   403   403   403   200   403   403   403   403
 api-guest-save         POST    403   403   403   403   403   403   202   403   403   403
+api-guest-conflict     POST    403   403   403   403   403   403   403   200   403   403
 api-guest-migrate      POST    403   403   403   403   403   403   403   202   403   403
 api-image-restore      POST    403   403   403   202   403   403   403   403   403   403
 api-jobs               GET     200-  200-  200-  200-  200-  200-  200-  200-  200   200-

@@ -149,7 +149,8 @@ def test_the_raw_upload_route_has_a_row():
 
 def test_every_row_sends_its_request_to_its_own_route():
     fake = {"image": uuid.uuid4(), "job": uuid.uuid4(), "guest": uuid.uuid4(),
-            "doubtful": uuid.uuid4(), "unknown": uuid.uuid4(), "token": "abc"}
+            "doubtful": uuid.uuid4(), "unknown": uuid.uuid4(), "conflicted": uuid.uuid4(),
+            "token": "abc"}
     assert MATRIX.keys() == OPERATIONS.keys()
     for (route, method), operation in OPERATIONS.items():
         if method == "WS":

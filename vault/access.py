@@ -113,10 +113,16 @@ def can_grant(request) -> bool:
 
 
 def refuse_anonymous(request, action, image_id=None):
-    """Audit an unauthenticated attempt on an image (or the vault) before the 401/redirect."""
-    audit.record_request(request, f"image.{action}",
+    """Audit an unauthenticated attempt on an image (or the vault) before the 401/redirect.
+
+    Anyone can repeat these at will (pages are not rate-limited): aggregated per
+    address (`audit.record_refusal`), so a flood is two records per interval, counted.
+    """
+    address = audit.client_ip(request)
+    audit.record_refusal(f"image.{action}", actor=audit.actor_of(request),
+                         source=address or "unknown address",
                          target=f"image:{image_id}" if image_id else "vault",
-                         outcome=Outcome.DENIED, details={"reason": "not authenticated"})
+                         source_ip=address, details={"reason": "not authenticated"})
 
 
 def image_login_required(action):

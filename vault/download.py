@@ -1,9 +1,12 @@
 """GET /api/v1/images/{id}/content: stream verified plaintext, with Range support.
 
 An async view over an async generator: under ASGI a sync iterator would be
-collected whole. Each chunk is authenticated before any of its bytes are sent;
-a chunk that fails ends the response early (the client sees a short body) and
-is audited, so no unverified byte ever leaves the portal.
+collected whole. Before the answer starts, the stored object is proven to be
+this record's (``service.open_reader``); if not, the answer is 409
+``integrity_error`` and the download is audited as failed. Each chunk is
+authenticated before any of its bytes are sent; a chunk that fails ends the
+response early (the client sees a short body) and is audited, so no unverified
+byte ever leaves the portal.
 """
 import asyncio
 import logging
@@ -83,12 +86,24 @@ async def image_content(request, pk):
         response["Content-Range"] = f"bytes */{image.plaintext_size}"
         return response
     start, end = span or (0, image.plaintext_size)
-    await sync_to_async(audit.record_request)(
-        drf_request, "image.download", target=image.target,
-        details={"range": [start, end] if span else None})
-    await sync_to_async(signals.image_download_started.send)(
-        SavedImage, image=image, request=drf_request)
-    reader = await asyncio.to_thread(service.open_reader, image)
+    details = {"range": [start, end] if span else None}
+    try:
+        # Proves the stored object is this record's before the answer starts.
+        reader = await asyncio.to_thread(service.open_reader, image)
+    except service.ImageIntegrityError as exc:
+        await sync_to_async(audit.record_request)(
+            drf_request, "image.download", target=image.target, outcome=Outcome.FAILED,
+            details={**details, "reason": f"integrity check failed: {exc.reason}"})
+        log.error("download of %s refused: integrity check failed: %s", image.id, exc.reason)
+        return _error(409, "integrity_error", str(exc))
+    try:
+        await sync_to_async(audit.record_request)(drf_request, "image.download",
+                                                  target=image.target, details=details)
+        await sync_to_async(signals.image_download_started.send)(
+            SavedImage, image=image, request=drf_request)
+    except BaseException:
+        await asyncio.to_thread(reader.close)
+        raise
     response = StreamingHttpResponse(_stream(reader, image, drf_request, start, end),
                                      content_type="application/octet-stream",
                                      status=206 if span else 200)

@@ -5,10 +5,12 @@ import time
 from django.conf import settings
 
 from portal import audit
+from portal.models import Outcome
 from vault import format as vformat
 from vault import keys as vkeys
 from vault import service
 from vault.models import SavedImage
+from vault.storage import ObjectNotFound
 
 log = logging.getLogger(__name__)
 
@@ -19,29 +21,49 @@ def rotate_keys(*, actor=None, retire=False, progress=None):
     Image data is never rewritten: only each small key envelope is replaced,
     atomically. Safe to interrupt: a re-run first finishes the rotation that
     was under way (envelopes still on an older version) before starting a new
-    one. Returns (new_version, rewrapped_count, retired_versions).
+    one. An image whose files do not unwrap (a swapped, altered or missing
+    envelope or header) is left as it is and reported, so one damaged image
+    cannot stop a rotation; nothing is then retired, as that image's own
+    envelope may yet come back from a backup. Returns (new_version,
+    rewrapped_count, retired_versions, {image_id: reason} of the images left).
     """
     provider = service.keyring()
     actor = actor or audit.Actor.system()
     if all(v == provider.current_version() for v in _envelope_versions()):
         provider.create_version()
     version = provider.current_version()
-    rewrapped = 0
+    rewrapped, failed = 0, {}
     for image in SavedImage.objects.order_by("created_at").iterator():
-        if _rewrap(provider, image, version):
+        try:
+            done = _rewrap(provider, image, version)
+        except UNREADABLE as exc:
+            failed[str(image.id)] = str(exc) or type(exc).__name__
+            log.error("rotation left image %s as it is: %s", image.id, failed[str(image.id)])
+            continue
+        if done:
             rewrapped += 1
             if progress:
                 progress(image)
-    retired = _retire_unused(provider, version) if retire else []
+    retired = _retire_unused(provider, version) if retire and not failed else []
     audit.record("vault.rotate_key", actor=actor, target="vault-keyring",
-                 details={"version": version, "rewrapped": rewrapped, "retired": retired})
-    return version, rewrapped, retired
+                 outcome=Outcome.FAILED if failed else Outcome.ALLOWED,
+                 details={"version": version, "rewrapped": rewrapped, "retired": retired,
+                          **({"failed": failed} if failed else {})})
+    return version, rewrapped, retired, failed
+
+
+# What an image's own files can do to a rotation: another image's envelope,
+# an altered header or envelope, a version no longer in the keyring, a missing file.
+UNREADABLE = (vformat.FormatError, vkeys.UnknownKeyVersion, ObjectNotFound)
 
 
 def _envelope_versions():
     store = service.storage()
     for image_id in SavedImage.objects.values_list("id", flat=True):
-        yield vformat.envelope_key_version(store.get_envelope(str(image_id)))
+        try:
+            yield vformat.envelope_key_version(store.get_envelope(str(image_id)))
+        except UNREADABLE:
+            continue  # the rotation reports it
 
 
 def _rewrap(provider, image, version):

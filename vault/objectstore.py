@@ -407,6 +407,28 @@ class S3Storage(Storage):
         _call(f"delete key envelope of image {image_id}", self.client.delete_object,
               Bucket=self.bucket, Key=self._envelope_key(image_id))
 
+    # Audit anchors (portal/audit_anchor.py): small objects written once beside
+    # the vault, so a portal with a shared bucket keeps its audit anchors off the
+    # database too. Never listed as images (other folder).
+    def put_audit_anchor(self, name: str, data: bytes) -> None:
+        if not name or "/" in name:
+            raise ValueError("an audit anchor's name is one path segment")
+        _call(f"store audit anchor {name}", self.client.put_object, Bucket=self.bucket,
+              Key=f"{self.prefix}audit-anchors/{name}", Body=bytes(data), IfNoneMatch="*")
+
+    def audit_anchors(self):
+        """Each stored audit anchor's bytes, in key order (oldest sequence first)."""
+        start = self.prefix + "audit-anchors/"
+        for obj in self._pages("list_objects_v2", "Contents", Prefix=start):
+            response = _call(f"read audit anchor {obj['Key'][len(start):]}",
+                             self.client.get_object, Bucket=self.bucket, Key=obj["Key"])
+            try:
+                yield response["Body"].read(64 * 1024)
+            except (BotoCoreError, OSError) as exc:
+                raise _storage_error("read audit anchor", exc) from None
+            finally:
+                response["Body"].close()
+
     # Housekeeping.
     def cleanup_partials(self, grace_seconds: float | None = None) -> int:
         """Abort multipart uploads of this prefix older than ``grace_seconds``

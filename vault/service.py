@@ -23,7 +23,7 @@ from vault import signals
 from vault.access import ACTIONS, PERMISSIONS
 from vault.models import SavedImage
 from vault.serializers import SavedImageSerializer
-from vault.storage import LocalStorage
+from vault.storage import LocalStorage, ObjectNotFound
 
 ALGORITHMS = {"aes-256-gcm": vformat.ALG_AES_256_GCM,
               "chacha20-poly1305": vformat.ALG_CHACHA20_POLY1305}
@@ -123,6 +123,23 @@ class DigestMismatch(Exception):
         self.actual, self.expected = actual, expected
 
 
+def upload_metadata(request, meta):
+    """The metadata an upload's image will carry: its headers', unless a receiver of
+    ``upload_started`` imposes its own (the migrator, for a job's upload: from the job
+    record). A refusal is audited; a name is required either way."""
+    try:
+        for _, imposed in signals.upload_started.send(SavedImage, request=request, meta=meta):
+            if imposed:
+                meta = {**meta, **imposed}
+    except signals.StoreRefused as exc:
+        audit.record_request(request, "image.upload", target="vault", outcome=Outcome.DENIED,
+                             details={"reason": exc.detail})
+        raise
+    if not meta.get("name"):
+        raise signals.StoreRefused(400, "invalid", "X-Berth-Name is required.")
+    return meta
+
+
 def register_image(request, sink, stats, meta):
     """Create the row for a committed object; undo the object if that fails."""
     try:
@@ -157,15 +174,76 @@ def image_json(image):
     return SavedImageSerializer(image).data
 
 
-def open_reader(image):
-    """An ImageReader over the stored object, its data key unwrapped."""
-    f = storage().open_reader(str(image.id))
+class ImageIntegrityError(Exception):
+    """The stored object does not answer to its record: another image's object or
+    envelope, an altered or truncated header, an envelope that does not unwrap, a
+    missing object. ``reason`` is the precise cause (for the audit trail and the
+    log; it may name another image); ``str()`` is the one line a client may see."""
+
+    def __init__(self, image_id, reason):
+        self.image_id, self.reason = image_id, reason
+        super().__init__(f"Image {image_id} failed its integrity check: its stored object "
+                         "does not match its record. Nothing was sent.")
+
+
+def _check_record(image, info, key_version):
+    """The header's and envelope's fields against what the row relies on.
+
+    Only the structure has been checked here; ``open_reader`` then proves both
+    authentic (envelope under the master key, header by its tag under the data
+    key), and no plaintext can be read before both checks pass.
+    """
+    expected = {"image id": (info.image_id, image.id),
+                "format version": (vformat.FORMAT_VERSION, image.format_version),
+                "algorithm": (info.algorithm, ALGORITHMS.get(image.algorithm)),
+                "chunk size": (info.chunk_size, image.chunk_size)}
+    for field, (stored, recorded) in expected.items():
+        if stored != recorded:
+            raise ImageIntegrityError(image.id, f"the stored header's {field} is {stored}, "
+                                                f"the record's is {recorded}")
+    # Rotation replaces the envelope before it updates the row, so an envelope
+    # newer than the row is an interrupted rotation; an older one was rolled back.
+    if key_version < image.key_version:
+        raise ImageIntegrityError(image.id, f"the key envelope is wrapped with master key "
+                                            f"version {key_version}, older than the "
+                                            f"record's {image.key_version} (rolled back)")
+
+
+def open_reader(image, *, prove_size=True):
+    """An ImageReader over the stored object, proven to be this record's image.
+
+    Before any plaintext can be read: the header names this record's id, format
+    version, algorithm and chunk size, the envelope (bound to the id, its key
+    version and the header's digest) unwraps, the header's tag authenticates
+    under the data key, and the final chunk proves the record's plaintext size.
+    Any failure raises ``ImageIntegrityError``; storage and keyring faults that
+    are not the object's (an unreachable S3, an unreadable keyring) propagate.
+    ``prove_size=False`` skips the last step for a caller that reads every chunk
+    and compares the size itself (``verify``): indexing costs one small read per
+    chunk, a ranged GET each on S3.
+    """
+    try:
+        f = storage().open_reader(str(image.id))
+    except ObjectNotFound:
+        raise ImageIntegrityError(image.id, "the stored object is missing") from None
     try:
         header = vformat.read_header(f)
         envelope = storage().get_envelope(str(image.id))
+        _check_record(image, vformat.parse_header(header), vformat.envelope_key_version(envelope))
         dek = vformat.unwrap_data_key(keyring().key, envelope, header)
         f.seek(0)
-        return vformat.ImageReader(f, dek)
+        reader = vformat.ImageReader(f, dek)
+        if prove_size and reader.plaintext_size != image.plaintext_size:
+            raise ImageIntegrityError(image.id, f"the stored object holds "
+                                                f"{reader.plaintext_size} bytes, the record "
+                                                f"says {image.plaintext_size}")
+        return reader
+    except ObjectNotFound:
+        f.close()
+        raise ImageIntegrityError(image.id, "the key envelope is missing") from None
+    except (vformat.FormatError, vkeys.UnknownKeyVersion) as exc:
+        f.close()
+        raise ImageIntegrityError(image.id, str(exc) or type(exc).__name__) from None
     except BaseException:
         f.close()
         raise
@@ -175,13 +253,15 @@ def verify(image, *, actor=None, request=None):
     """Authenticate every chunk without keeping plaintext; record the outcome."""
     started = time.monotonic()
     try:
-        reader = open_reader(image)
+        reader = open_reader(image, prove_size=False)  # verify() reads every chunk
         try:
             stats = reader.verify()
         finally:
             reader.close()
         ok = stats.sha256 == image.sha256 and stats.plaintext_size == image.plaintext_size
         reason = "" if ok else "content digest differs from the recorded one"
+    except ImageIntegrityError as exc:
+        ok, reason = False, exc.reason
     except (vformat.FormatError, vkeys.KeyringError, FileNotFoundError) as exc:
         ok, reason = False, str(exc) or type(exc).__name__
     SavedImage.objects.filter(id=image.id).update(last_verified_at=timezone.now(),

@@ -1,6 +1,10 @@
 """Signals other apps listen to, so the vault never imports them."""
 from django.dispatch import Signal
 
+# Sent before an upload's body is read: (request, meta), meta from its X-Berth-* headers.
+# A receiver may return the metadata the image must carry instead (e.g. a job's record,
+# when a job credential uploads), or raise StoreRefused: nothing is then read or stored.
+upload_started = Signal()
 # Sent inside the transaction that registers a newly stored image: (image, request).
 # A receiver may raise StoreRefused: the row and the object are then undone.
 image_stored = Signal()

@@ -53,12 +53,23 @@ def route(fallback):
 
 async def handle_upload(scope, receive, send):
     try:
-        request = await _authorise(scope)
-        metadata = parse_metadata(scope)
+        request = await _authorise(scope)  # each refusal here is audited by the checks
+    except signals.StoreRefused as exc:
+        return await _respond(send, exc.status, {"error": exc.error, "detail": exc.detail})
+    metadata = {}
+    try:
+        metadata = await sync_to_async(service.upload_metadata)(request, parse_metadata(scope))
         image = await _receive_into_vault(request, metadata, _body_source(scope, receive))
-    except signals.StoreRefused as exc:  # an UploadError, or a receiver's refusal
+    except UploadError as exc:  # the upload's own checks: length, digest, size, headers
+        await _audit_failure(request, metadata, Outcome.DENIED, exc.detail, exc.error)
+        return await _respond(send, exc.status, {"error": exc.error, "detail": exc.detail})
+    except signals.StoreRefused as exc:  # a receiver's refusal: audited where it was made
         return await _respond(send, exc.status, {"error": exc.error, "detail": exc.detail})
     except (ClientGone, body_reader.BodyDisconnect):
+        # Nobody to answer, but an upload that stopped half-way is worth a record.
+        await _audit_failure(request, metadata, Outcome.FAILED,
+                             "the client disconnected before the whole body arrived; "
+                             "nothing was stored", "interrupted")
         return None
     except OSError as exc:  # the vault's storage failed (disk full, I/O error): nothing kept
         log.error("upload failed in the vault's storage: %s", exc)
@@ -68,6 +79,14 @@ async def handle_upload(scope, receive, send):
             "detail": f"The vault could not store the image: {exc.strerror or exc}. "
                       "Nothing was stored."})
     await _respond(send, 201, await sync_to_async(service.image_json)(image))
+
+
+async def _audit_failure(request, metadata, outcome, reason, code):
+    details = {"reason": reason, "error": code}
+    if metadata.get("name"):
+        details.update(name=metadata["name"], declared_size=metadata.get("declared_size"))
+    await sync_to_async(audit.record_request)(request, "image.upload", target="vault",
+                                              outcome=outcome, details=details)
 
 
 async def _authorise(scope):
@@ -95,7 +114,9 @@ TEXT_FIELDS = ("name", "guest_name", "source_host", "architecture", "virt_extens
 
 
 def parse_metadata(scope) -> dict:
-    """Metadata from ``X-Berth-*`` headers (e.g. ``X-Berth-Guest-Name``)."""
+    """Metadata from ``X-Berth-*`` headers (e.g. ``X-Berth-Guest-Name``). A job's upload
+    gets its metadata from the job instead (service.upload_metadata), the headers only
+    cross-checked."""
     headers = _headers(scope)
     if headers.get("content-type", "").split(";")[0].strip() != "application/octet-stream":
         raise UploadError(415, "unsupported_media_type",
@@ -105,8 +126,6 @@ def parse_metadata(scope) -> dict:
         value = headers.get("x-berth-" + field.replace("_", "-"))
         if value is not None:
             meta[field] = _convert(field, value.strip())
-    if not meta.get("name"):
-        raise UploadError(400, "invalid", "X-Berth-Name is required.")
     meta["declared_size"] = _declared_size(headers)
     return meta
 

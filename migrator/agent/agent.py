@@ -50,13 +50,14 @@ from .config import AgentConfig, HostConfig, RelocationConfig
 from .indoubt import KEEP, InDoubtBook, holding, settle
 from .jobs import ACTIONS, BadCommand, Job, _uuid, guest_json, result_message
 from .migrate import MigrateJob, RelocationEndpoint
-from .outbox import HostState, Outbox, ensure_state_dir
+from .outbox import HostState, Outbox, RefusalReports, RevocationList, ensure_state_dir
 
 COMMANDS = {**ACTIONS, "migrate": MigrateJob}
 
 AGENT_VERSION = "0.1"
 PROTOCOL = 1
 MAX_QUEUED_EVENTS = 1000  # a slow portal loses progress events, never results
+REFUSED = "relocation.refused"
 
 log = logging.getLogger("berth.agent")
 
@@ -65,7 +66,8 @@ class _Redact(logging.Filter):
     """Safety net: websockets logs handshake headers and frames at DEBUG, and
     commands carry job credentials.  Secrets never reach a log line."""
 
-    SECRET = re.compile(r"(?i)(authorization:\s*\w+\s+|\"credential\"\s*:\s*\")[^\s\"']+")
+    SECRET = re.compile(r"(?i)(authorization:\s*\w+\s+|x-berth-host-credential:\s*"
+                        r"|\"credential\"\s*:\s*\")[^\s\"']+")
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -95,6 +97,10 @@ def make_driver(host: HostConfig, relocation: RelocationConfig | None = None
         return QemuDriver(host.name, host.memory_mib, host.state_dir / "qemu", arch=host.arch,
                           virt_features=host.virt_extensions, tls=tls)
     raise ValueError(f"unknown driver {host.driver!r}")
+
+
+def _report(message: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in message.items() if k != "type"}
 
 
 class Backoff:
@@ -128,8 +134,10 @@ class Agent:
                        else make_driver(config.host, config.relocation))
         self._own_driver = driver is None
         self.outbox = Outbox(config.host.state_dir)
+        self.refusals = RefusalReports()  # the relocation port's, for the portal's audit
         self.state = HostState(config.host.state_dir)
         self.in_doubt = InDoubtBook(config.host.state_dir)
+        self.revocations = RevocationList(config.host.state_dir)
         self._backoff, self._stable_after = backoff, stable_after
         self._heartbeat, self._poll, self._resend_after = heartbeat, poll, resend_after
         self._transfer_timeout, self._shutdown_timeout = transfer_timeout, shutdown_timeout
@@ -149,7 +157,6 @@ class Agent:
         self._stop_requested = threading.Event()  # stop() before the loop exists
         self.connected = threading.Event()  # set while a connection is up (tests wait on it)
         self.relocation: RelocationEndpoint | None = None  # started with the loop
-        self.revoked_serials: frozenset[int] = frozenset()
         self.attempts = 0      # connection attempts so far
         self.connections = 0   # successful handshakes so far
 
@@ -210,16 +217,33 @@ class Agent:
                      self.config.host.name)
             return
         self.relocation = RelocationEndpoint(self.config, self.driver, self._event,
-                                             self.in_doubt)
+                                             self.in_doubt, on_refused=self.refusals.add)
+        # What the portal last said, kept on disk: refused from the first connection on.
+        self.relocation.server.revoked_serials = self.revocations.serials
         self.relocation.start()
 
+    @property
+    def revoked_serials(self) -> frozenset[int]:
+        return self.revocations.serials
+
     def _revocations(self, message: dict[str, Any]) -> None:
-        """Certificates the portal revoked: refused on the relocation channel."""
+        """Certificates the portal revoked (the whole list, in every ``welcome`` and
+        pushed as ``revocations`` when it changes): kept on disk, and refused on the
+        relocation port from the next handshake on, without a restart."""
         serials = message.get("revoked_serials")
-        if isinstance(serials, list):
-            self.revoked_serials = frozenset(int(s) for s in serials if isinstance(s, int))
-            if self.relocation is not None:
-                self.relocation.server.revoked_serials = self.revoked_serials
+        if not isinstance(serials, list):
+            return
+        told = frozenset(s for s in serials if isinstance(s, int) and not isinstance(s, bool))
+        if self.relocation is not None:
+            # Before the disk: the port must not wait for an fsync to refuse.
+            self.relocation.server.revoked_serials = self.revocations.serials | told
+        before = len(self.revocations.serials)
+        revoked = self.revocations.add(told)
+        if self.relocation is not None:
+            self.relocation.server.revoked_serials = revoked
+        if len(revoked) != before:
+            log.info("the portal revoked host certificates: %d refused on the relocation "
+                     "port now", len(revoked))
 
     def _shutdown(self) -> None:
         """Abort running jobs (a save resumes its guest) so their results are
@@ -367,6 +391,7 @@ class Agent:
                                       "guests": hello["guests"]})
             finally:
                 self.connected.clear()
+                self._requeue_refusals()
                 self._ws, self._queue = None, None
             return f"closed (code {ws.close_code}{self._close_note(ws)})"
 
@@ -374,6 +399,8 @@ class Agent:
     def _close_note(ws: ClientConnection) -> str:
         if ws.close_code == 4001:
             return ": another connection of this host replaced this one"
+        if ws.close_code == 4003:
+            return ": the portal revoked this host"
         return f": {ws.close_reason}" if ws.close_reason else ""
 
     async def _pump(self, ws: ClientConnection, inventory: dict[str, Any]) -> None:
@@ -404,9 +431,22 @@ class Agent:
         assert self._queue is not None
         while True:
             message = await self._queue.get()
-            await ws.send(json.dumps(message))
+            try:
+                await ws.send(json.dumps(message))
+            except BaseException:
+                if message["type"] == REFUSED:  # not sent: counted again for the next one
+                    self.refusals.put_back([_report(message)])
+                raise
             if message["type"] == "job.result":
                 self._mark_sent([message])
+
+    def _requeue_refusals(self) -> None:
+        """Refusal reports still queued when a connection ends wait for the next one."""
+        queue = self._queue
+        while queue is not None and not queue.empty():
+            message = queue.get_nowait()
+            if message["type"] == REFUSED:
+                self.refusals.put_back([_report(message)])
 
     async def _ticker(self, last: dict[str, Any]) -> None:
         """Inventory when something changed (polled) and as a heartbeat;
@@ -426,6 +466,8 @@ class Agent:
             for result in self.outbox.pending():
                 if now - self._sent_at.get(result["job"], now) >= self._resend_after:
                     self._enqueue(result)
+            for report in self.refusals.take():  # bounded: aggregated per stage and peer
+                self._enqueue({"type": REFUSED, **report})
             await asyncio.sleep(self._poll)
 
     def _mark_sent(self, results: list[dict[str, Any]]) -> None:
@@ -453,9 +495,9 @@ class Agent:
         kind = message.get("type")
         if kind == "welcome":
             log.info("the portal welcomed host %s", message.get("host"))
-            self._revocations(message)
+            await asyncio.to_thread(self._revocations, message)
         elif kind == "revocations":
-            self._revocations(message)
+            await asyncio.to_thread(self._revocations, message)
         elif kind == "ack":
             job_id = str(message.get("job"))
             if await asyncio.to_thread(self.outbox.ack, job_id):
@@ -490,7 +532,8 @@ class Agent:
                 raise BadCommand(f"unknown action {action!r}")
             job = cls(job_id, command, driver=self.driver, host=self.config.host,
                       emit=partial(self._event, job_id), ca=self.config.portal.ca,
-                      portal_url=self.config.portal.url, timeout=self._transfer_timeout)
+                      portal_url=self.config.portal.url, timeout=self._transfer_timeout,
+                      host_credential=self.config.portal.credential)
             job.relocation = self.config.relocation
             job.revoked_serials = self.revoked_serials
             job.in_doubt = self.in_doubt

@@ -70,6 +70,12 @@ class RelocationConfig:
     cert: str = ""
     key: str = ""
     ca: str = ""
+    # The front door (docs/relocation-protocol.md, section 1): what a peer
+    # without a certificate may hold, and the slots of authenticated ones.
+    handshake_timeout: float = 5.0
+    max_connections: int = 8
+    max_unauthenticated: int = 64
+    max_unauthenticated_per_address: int = 8
 
 
 @dataclass(frozen=True)
@@ -127,7 +133,7 @@ def parse_config(data: dict[str, Any], source: str = "") -> AgentConfig:
     guests = data.get("guests", [])
     if not isinstance(guests, list) or not all(isinstance(g, dict) for g in guests):
         raise ConfigError("guests: must be an array of tables ([[guests]])")
-    parsed = tuple(_guest(g, f"guests[{i}]") for i, g in enumerate(guests))
+    parsed = tuple(_guest(g, f"guests[{i}]", host.driver) for i, g in enumerate(guests))
     _unique(parsed)
     return AgentConfig(host, portal, relocation, parsed, source)
 
@@ -180,14 +186,25 @@ def _portal(t: dict[str, Any]) -> PortalConfig:
 
 
 def _relocation(t: dict[str, Any]) -> RelocationConfig:
-    _known(t, "relocation", {"address", "port", "hosts_allow", "cert", "key", "ca"})
+    _known(t, "relocation", {"address", "port", "hosts_allow", "cert", "key", "ca",
+                             "handshake_timeout", "max_connections", "max_unauthenticated",
+                             "max_unauthenticated_per_address"})
     return RelocationConfig(
         address=_str(t, "relocation.address", "address", default="127.0.0.1"),
         port=_int(t, "relocation.port", "port", low=1, high=65535, default=8002),
         hosts_allow=_patterns(_strs(t, "relocation.hosts_allow", "hosts_allow")),
         cert=_str(t, "relocation.cert", "cert", default=""),
         key=_str(t, "relocation.key", "key", default=""),
-        ca=_str(t, "relocation.ca", "ca", default=""))
+        ca=_str(t, "relocation.ca", "ca", default=""),
+        handshake_timeout=_seconds(t, "relocation.handshake_timeout", "handshake_timeout",
+                                   high=60.0, default=5.0),
+        max_connections=_int(t, "relocation.max_connections", "max_connections", low=1,
+                             high=1024, default=8),
+        max_unauthenticated=_int(t, "relocation.max_unauthenticated", "max_unauthenticated",
+                                 low=1, high=65536, default=64),
+        max_unauthenticated_per_address=_int(
+            t, "relocation.max_unauthenticated_per_address",
+            "max_unauthenticated_per_address", low=1, high=65536, default=8))
 
 
 def _patterns(patterns: tuple[str, ...]) -> tuple[str, ...]:
@@ -199,7 +216,7 @@ def _patterns(patterns: tuple[str, ...]) -> tuple[str, ...]:
     return patterns
 
 
-def _guest(t: dict[str, Any], where: str) -> GuestConfig:
+def _guest(t: dict[str, Any], where: str, driver: str) -> GuestConfig:
     _known(t, where, {"name", "memory_mib", "vcpus", "uuid", "kernel", "ip", "storage",
                       "workload", *QEMU_GUEST_KEYS})
     name = _str(t, f"{where}.name", "name")
@@ -218,21 +235,28 @@ def _guest(t: dict[str, Any], where: str) -> GuestConfig:
             ipaddress.ip_address(ip)
         except ValueError:
             raise ConfigError(f"{where}.ip: {ip!r} is not an IP address") from None
+    kernel = _str(t, f"{where}.kernel", "kernel", default="")
     return GuestConfig(
         name=name, memory_mib=memory_mib,
         vcpus=_int(t, f"{where}.vcpus", "vcpus", low=1, high=MAX_VCPUS, default=1),
-        uuid=uuid, kernel=_str(t, f"{where}.kernel", "kernel", default=""), ip=ip,
+        uuid=uuid, kernel=kernel, ip=ip,
         storage=_strs(t, f"{where}.storage", "storage"),
         workload=_workload(t.get("workload", {"profile": "idle"}), f"{where}.workload",
                            memory_mib),
-        qemu=_qemu_keys(t, where))
+        qemu=_qemu_keys(t, where, kernel, driver))
 
 
-def _qemu_keys(t: dict[str, Any], where: str) -> dict[str, Any]:
-    """The QEMU driver's guest keys, checked as the driver will check them."""
+def _qemu_keys(t: dict[str, Any], where: str, kernel: str, driver: str) -> dict[str, Any]:
+    """The QEMU driver's guest keys, checked as the driver will check them:
+    with ``kernel``, which QEMU boots (``initrd`` and ``append`` need it).
+    Other drivers take ``kernel`` as a label, not a file of this host."""
     keys = {k: t[k] for k in QEMU_GUEST_KEYS if k in t}
+    if driver == "qemu":
+        checked = {**keys, "kernel": kernel}
+    else:
+        checked = {k: v for k, v in keys.items() if not (k == "initrd" and kernel)}
     try:
-        check_config(keys)
+        check_config(checked)
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     return keys
@@ -316,6 +340,16 @@ def _int(t: dict[str, Any], name: str, key: str, *, low: int, high: int | None =
         bounds = f"{low}..{high}" if high is not None else f">= {low}"
         raise ConfigError(f"{name}: {value} is out of range ({bounds})")
     return value
+
+
+def _seconds(t: dict[str, Any], name: str, key: str, *, high: float,
+             default: Any = _MISSING) -> float:
+    value = _get(t, name, key, default)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise ConfigError(f"{name}: must be a number of seconds")
+    if not 0 < value <= high:
+        raise ConfigError(f"{name}: {value} is out of range (0 < seconds <= {high:g})")
+    return float(value)
 
 
 def _strs(t: dict[str, Any], name: str, key: str) -> tuple[str, ...]:

@@ -109,10 +109,12 @@ class Job:
 
     def __init__(self, job_id: str, command: dict[str, Any], *, driver: HypervisorDriver,
                  host: HostConfig, emit: Emit, ca: str = "", portal_url: str = "",
-                 timeout: float = transfer.DEFAULT_TIMEOUT):
+                 timeout: float = transfer.DEFAULT_TIMEOUT, host_credential: str = ""):
         self.id = job_id
         # Image bytes go only here (the bundle's portal URL): see `transfer.portal_target`.
         self.portal_url = portal_url
+        # A job credential is good only with this host's own credential beside it.
+        self._host_credential = host_credential
         self.driver, self.host, self._emit = driver, host, emit
         self.ca, self.timeout = ca, timeout
         self.guest_uuid = ""  # the guest this job holds; set by subclasses
@@ -121,8 +123,12 @@ class Job:
         self.cancel = transfer.Cancel()
         self.parse(command)
 
-    def __repr__(self) -> str:  # no credentials: they live in subclass fields
+    def __repr__(self) -> str:  # no credentials: they live in private fields
         return f"<{type(self).__name__} {self.id} guest={self.guest_uuid}>"
+
+    def credential_headers(self, job_credential: str) -> dict[str, str]:
+        return {"Authorization": f"Job {job_credential}",
+                "X-Berth-Host-Credential": self._host_credential}
 
     def parse(self, command: dict[str, Any]) -> None:
         raise NotImplementedError
@@ -292,7 +298,7 @@ class SaveJob(Job):
         host = self.driver.host_info()
         name = self.image_name or f"{info.name} {time.strftime('%Y-%m-%d %H:%M:%S')}"
         return {
-            "Authorization": f"Job {self._credential}",
+            **self.credential_headers(self._credential),
             "Content-Type": "application/octet-stream",
             **({"X-Berth-SHA256": digest} if digest else {}),
             "X-Berth-Name": name,
@@ -354,13 +360,21 @@ class RestoreJob(Job):
         self.check_abort()
         self.stage("restoring")
         try:
-            with transfer.download(self.url, headers={"Authorization": f"Job {self._credential}"},
+            with transfer.download(self.url, headers=self.credential_headers(self._credential),
                                    ca=self.ca, timeout=self.timeout, cancel=self.cancel) as dl:
                 progress = Progress(self.emit, "restoring", dl.length or self.size)
                 info = self.driver.restore_stream(self._verified(dl, progress), start=False)
                 progress.finish()
         except transfer.HttpError as exc:
+            if exc.code == transfer.INTEGRITY_ERROR:
+                raise JobFailed(f"image {self.image_id} failed its integrity check: the portal "
+                                f"refused to send it (HTTP {exc.status}); nothing was "
+                                "restored") from None
             raise JobFailed(f"the portal refused the download: {exc}") from None
+        except transfer.ShortDownload as exc:
+            raise JobFailed(f"{exc}: the connection broke, or a chunk of image "
+                            f"{self.image_id} failed its integrity check at the portal; "
+                            "nothing was restored") from None
         except transfer.TransferError as exc:
             raise JobFailed(str(exc)) from None
         except SaveStreamError as exc:

@@ -30,10 +30,12 @@ class RelocationEndpoint:
     """This host's relocation port: tickets announced by the portal, and the
     server that accepts only those migrations (docs/relocation-protocol.md)."""
 
-    def __init__(self, config, driver, post_event: PostEvent, in_doubt: InDoubtBook):
+    def __init__(self, config, driver, post_event: PostEvent, in_doubt: InDoubtBook,
+                 on_refused: Callable[[dict[str, Any]], None] | None = None):
         host, reloc = config.host, config.relocation
         self.tickets = TicketBook()
         self._post = post_event
+        self._on_refused = on_refused  # every refusal, for the portal's audit trail
         self.in_doubt = in_doubt
         self._jobs: dict[str, str] = {}  # guest uuid -> job id, for the destination's events
         self._lock = threading.Lock()
@@ -42,7 +44,10 @@ class RelocationEndpoint:
                               storage=tuple(host.storage), disk_free_gib=host.disk_gib),
             tls.server_context(reloc.cert, reloc.key, reloc.ca),
             tls.AllowList(reloc.hosts_allow), self.tickets, self._on_event,
-            address=reloc.address, port=reloc.port, host_name=host.name)
+            address=reloc.address, port=reloc.port, host_name=host.name,
+            handshake_timeout=reloc.handshake_timeout, max_connections=reloc.max_connections,
+            max_unauthenticated=reloc.max_unauthenticated,
+            max_unauthenticated_per_address=reloc.max_unauthenticated_per_address)
 
     def start(self) -> int:
         # In-doubt guests recorded before a restart are held again, so the
@@ -68,6 +73,8 @@ class RelocationEndpoint:
         self._post(job_id, {"kind": "expecting", "stage": "expecting"})
 
     def _on_event(self, event: dict[str, Any]) -> None:
+        if event.get("kind") == "refused" and self._on_refused is not None:
+            self._on_refused(event)  # most have no job: an outsider, a forged ticket
         guest = event.get("guest")
         with self._lock:
             job_id = self._jobs.get(guest) if guest else None
@@ -105,7 +112,9 @@ class MigrateJob(Job):
                 max_precopy_s=float(params.get("max_seconds", 0)),
                 auto_converge=bool(params.get("auto_converge", False)),
                 live=bool(params.get("live", True)),
-                verify=str(params.get("verify", "sampled")))
+                verify=str(params.get("verify", "sampled")),
+                # MB/s on the wire; absent (an older portal) or 0: no cap.
+                max_bandwidth_mbps=float(params.get("max_bandwidth_mbps") or 0))
         except (TypeError, ValueError) as exc:
             raise BadCommand(f"migrate parameters: {exc}") from None
         self.engine: PrecopyMigration | None = None

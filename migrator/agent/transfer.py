@@ -35,6 +35,9 @@ SEND_BYTES = 256 * 1024     # coalesce the driver's small record frames per send
 READ_BYTES = 256 * 1024
 MAX_ANSWER_BYTES = 1 << 20  # JSON answers are small; never read a huge error page whole
 DEFAULT_TIMEOUT = 60.0
+# The portal's error code for an image whose stored object does not match its
+# record (vault/download.py); said before the first byte, as a 409.
+INTEGRITY_ERROR = "integrity_error"
 
 
 class TransferError(Exception):
@@ -42,11 +45,18 @@ class TransferError(Exception):
 
 
 class HttpError(TransferError):
-    """The server answered with a status other than 2xx."""
+    """The server answered with a status other than 2xx; ``code`` is the portal's
+    stable error code (its JSON ``error``) when it sent one."""
 
-    def __init__(self, status: int, reason: str, detail: str = ""):
-        self.status, self.reason, self.detail = status, reason, detail
+    def __init__(self, status: int, reason: str, detail: str = "", code: str = ""):
+        self.status, self.reason, self.detail, self.code = status, reason, detail, code
         super().__init__(f"HTTP {status} {reason}" + (f": {detail}" if detail else ""))
+
+
+class ShortDownload(TransferError):
+    """The body ended before its announced length: the connection broke, or the
+    portal stopped at a chunk that failed its integrity check (it cannot say which
+    once the answer has started)."""
 
 
 class Cancel:
@@ -219,12 +229,14 @@ def _answer(conn: http.client.HTTPConnection, url: str) -> tuple[int, Any]:
 
 def _http_error(status: int, reason: str, raw: bytes) -> HttpError:
     decoded = _json(raw)
-    detail = ""
+    detail = code = ""
     if isinstance(decoded, dict) and decoded.get("detail"):
         detail = str(decoded["detail"])
     elif raw and not isinstance(decoded, dict):
         detail = raw[:200].decode("utf-8", "replace").strip()
-    return HttpError(status, reason, detail)
+    if isinstance(decoded, dict) and isinstance(decoded.get("error"), str):
+        code = decoded["error"]
+    return HttpError(status, reason, detail, code)
 
 
 def _json(raw: bytes) -> Any:
@@ -259,7 +271,7 @@ class Download:
             self.received += len(piece)
             yield piece
         if self.length is not None and self.received != self.length:
-            raise TransferError(f"download from {_where(self._url)} ended after "
+            raise ShortDownload(f"download from {_where(self._url)} ended after "
                                 f"{self.received} of {self.length} bytes")
 
     def close(self) -> None:

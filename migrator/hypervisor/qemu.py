@@ -21,6 +21,9 @@ QEMU does itself left to QEMU:
   ``migrator.relocation.qemu_tls``.  The page-level methods of the interface
   that the simulated engine uses (dirty log, page writes, vCPU blobs,
   throttle) are refused: QEMU migrates memory itself.
+* **Console**: every guest's serial port (ttyS0) is a socket the driver
+  reads into a bounded ring per guest that survives an agent restart
+  (`console`); `console_output` and `console_write` serve it.
 * **Memory reads** (`memory_digest`, `read_memory`): QMP ``pmemsave`` into a
   FIFO read by the agent; never a file on disk.
 
@@ -68,6 +71,7 @@ from .base import (
     check_shape,
     norm_uuid,
 )
+from .console import RING_FILE, SOCKET, ConsoleOutput, ConsoleReader, ConsoleRing
 from .qmp import QMP, QMPError, QMPGone
 from .savestream import MalformedStream, SaveStreamError, TruncatedStream
 
@@ -81,6 +85,14 @@ MAX_HEADER = 1 << 20
 READ_BYTES = 1 << 20
 # What QEMU's run states mean for Berth (the rest: not running).
 _RUNNING = {"running"}
+# What a save's ``migrate fd:`` relies on, set before each save: QEMU keeps
+# migration parameters for its lifetime, so a guest that arrived by live
+# migration still holds the incoming side's tls-creds/tls-authz, and one whose
+# migration was aborted the client's tls-creds/tls-hostname and its bandwidth
+# - with them the save would try TLS on the agent's socketpair (and fail, or
+# wait for a handshake that never comes).
+SAVE_PARAMETERS = {"tls-creds": "", "tls-hostname": "", "tls-authz": "",
+                   "max-bandwidth": 1 << 40}  # bytes/s: QEMU 7.2's default is 128 MiB/s
 UNSUPPORTED = ("the QEMU driver does not expose guest pages: QEMU migrates memory itself "
                "(see docs/qemu.md)")
 
@@ -99,6 +111,15 @@ class _Guest:
         self.state = GuestState(meta.get("state", "running"))
         self.pid: int | None = meta.get("pid")
         self.lock = threading.RLock()
+        self.console: ConsoleReader | None = None
+
+    def open_console(self) -> None:
+        self.console = ConsoleReader(str(self.dir / SOCKET), ConsoleRing(self.dir / RING_FILE),
+                                     self.name)
+
+    def close_console(self) -> None:
+        if self.console is not None:
+            self.console.stop()
 
     @property
     def qmp_path(self) -> str:
@@ -162,6 +183,7 @@ class QemuDriver(HypervisorDriver):
                 guest.state = GuestState.PAUSED  # the job that held it is gone
                 guest.save()
             self._acct.guests[guest.uuid] = guest
+            guest.open_console()
             log.info("re-attached to guest %s (%s), QEMU pid %s", guest.name, guest.uuid, pid)
 
     # -- host ---------------------------------------------------------------------
@@ -214,6 +236,7 @@ class QemuDriver(HypervisorDriver):
         with self._acct.lock:
             self._acct.drop(res.id)
             self._acct.guests[guest.uuid] = guest
+        guest.open_console()
         log.info("started QEMU for guest %s (%s), domain %d, pid %s", name, res.uuid,
                  guest.domid, guest.pid)
         return guest
@@ -238,6 +261,7 @@ class QemuDriver(HypervisorDriver):
             return
         log.warning("guest %s (%s) is gone from %s: %s", guest.name, guest.uuid,
                     self._host.name, why)
+        guest.close_console()
         proc.kill(guest.pid, guest.uuid)
         proc.remove_dir(guest.dir)
 
@@ -317,11 +341,15 @@ class QemuDriver(HypervisorDriver):
             while proc.alive(guest.pid) and time.monotonic() < deadline:
                 time.sleep(0.02)
             self._acct.remove(guest)
+            guest.close_console()
             proc.kill(guest.pid, guest.uuid)
             proc.remove_dir(guest.dir)
 
     def close(self) -> None:
-        """Nothing to release: QEMU processes outlive the driver on purpose."""
+        """Disconnect from the guests' consoles; QEMU processes outlive the
+        driver on purpose."""
+        for guest in list(self._acct.guests.values()):
+            guest.close_console()
 
     def shutdown_all(self) -> None:
         """Destroy every guest (tests, and an operator emptying a host)."""
@@ -366,6 +394,7 @@ class QemuDriver(HypervisorDriver):
             # can take minutes): QEMU serves one client per monitor socket.
             try:
                 with guest.qmp() as qmp:
+                    qmp.command("migrate-set-parameters", SAVE_PARAMETERS)
                     qmp.command("getfd", {"fdname": "berth-save"}, fds=[theirs.fileno()])
                     theirs.close()
                     qmp.command("migrate", {"uri": "fd:berth-save"})
@@ -466,8 +495,25 @@ class QemuDriver(HypervisorDriver):
 
     def _discard(self, guest: _Guest) -> None:
         self._acct.remove(guest)
+        guest.close_console()
         proc.kill(guest.pid, guest.uuid)
         proc.remove_dir(guest.dir)
+
+    # -- console ------------------------------------------------------------------
+    def console_output(self, uuid: str, since: int = 0) -> ConsoleOutput:
+        """The guest's serial output from offset ``since`` on, as far as the
+        ring (`console.RING_BYTES`) still holds it."""
+        guest = self._guest(uuid)
+        if guest.console is None:
+            raise GuestNotFound(f"guest {guest.name} has no console")
+        return guest.console.ring.read(since)
+
+    def console_write(self, uuid: str, data: bytes) -> None:
+        """Input for the guest's serial port."""
+        guest = self._guest(uuid)
+        if guest.console is None:
+            raise GuestNotFound(f"guest {guest.name} has no console")
+        guest.console.write(data)
 
     # -- memory -------------------------------------------------------------------
     def memory_digest(self, uuid: str) -> str:
@@ -595,8 +641,11 @@ class QemuDriver(HypervisorDriver):
                 creds = self._tls_object(qmp, "client")
                 qmp.command("migrate-set-capabilities", {"capabilities": [
                     {"capability": k, "state": v} for k, v in capabilities.items()]})
+                # tls-authz judges incoming clients: a guest that arrived by
+                # migration still has its own; a sender needs none.
                 qmp.command("migrate-set-parameters", {
-                    **parameters, "tls-creds": creds, "tls-hostname": tls_hostname})
+                    **parameters, "tls-creds": creds, "tls-hostname": tls_hostname,
+                    "tls-authz": ""})
                 host = f"[{address}]" if ":" in address else address
                 qmp.command("migrate", {"uri": f"tcp:{host}:{port}"})
         except QMPError as exc:
@@ -605,6 +654,11 @@ class QemuDriver(HypervisorDriver):
 
     def migration_parameters(self, uuid: str, parameters: dict[str, Any]) -> None:
         self._qmp(self._guest(uuid), "migrate-set-parameters", parameters)
+
+    def query_migration_parameters(self, uuid: str) -> dict[str, Any]:
+        """QEMU's ``query-migrate-parameters``: what its migration runs with now
+        (``max-bandwidth`` in bytes/s, ``downtime-limit`` …)."""
+        return self._qmp(self._guest(uuid), "query-migrate-parameters") or {}
 
     def migration_status(self, uuid: str) -> dict[str, Any]:
         """QEMU's ``query-migrate`` for this guest ({} if none ran)."""

@@ -5,6 +5,8 @@ Every guest owns a directory ``<run_dir>/<uuid>/``::
     meta.json      0600  name, domain ID, memory, vCPUs, config, Berth state
     qmp.sock             the agent's QMP monitor (short sessions, one per operation)
     watch.sock           a second QMP monitor, held open while a migration is watched
+    console.sock         the serial port (ttyS0): output and input (see console.py)
+    console.ring   0600  the console's newest output, kept by the agent
     qemu.pid             written by QEMU (-pidfile)
     qemu.log             QEMU's stderr (-D keeps it open after -daemonize)
 
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import console
 from .base import HypervisorError, InvalidRequest
 from .qmp import QMP, QMPError
 
@@ -125,6 +128,8 @@ def command_line(directory: Path, *, name: str, uuid: str, memory_mib: int, vcpu
             # before it daemonizes): a unix socket path is limited to 108 bytes.
             "-qmp", "unix:qmp.sock,server=on,wait=off",
             "-qmp", "unix:watch.sock,server=on,wait=off",
+            # Every guest has a serial port (-nodefaults gives none).
+            *console.command_line(),
             "-daemonize", "-pidfile", str(directory / "qemu.pid"),
             "-D", str(directory / "qemu.log")]
     if config.get("kernel"):

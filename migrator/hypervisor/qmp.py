@@ -48,7 +48,7 @@ class QMP:
         self._sock.settimeout(timeout)
         self._buf = b""
         try:
-            _connect(self._sock, path)
+            connect_unix(self._sock, path)
             greeting = self._read()
             if "QMP" not in greeting:
                 raise QMPError(f"{path} is not a QMP monitor")
@@ -121,7 +121,7 @@ class QMP:
         return value
 
 
-def _connect(sock: socket.socket, path: str) -> None:
+def connect_unix(sock: socket.socket, path: str) -> None:
     """Connect even when the path is longer than a unix socket address
     allows (108 bytes): through the directory's /proc/self/fd entry."""
     if len(path.encode()) < 100:

@@ -2,7 +2,9 @@
 
 * `protocol` - frames, page batches, fingerprints (``docs/relocation-protocol.md``);
 * `tickets`  - single-use tickets the portal announces to the destination;
-* `server`   - the destination: TLS listener, peer checks, reservation, receiver;
+* `admission` - the destination's front door: TLS handshakes under a deadline,
+  caps on unauthenticated connections, migration slots, BUSY;
+* `server`   - the destination: peer checks, reservation, receiver;
 * `precopy`  - the source: the six stages and the iterative pre-copy engine.
 """
 

@@ -70,6 +70,7 @@ class MigrationSettings:
     converge_trigger: float = 0.5      # throttle when dirtied >= 50 % of what was sent
     verify: str = "sampled"            # or "incremental", "full": see verify.py
     live: bool = True                  # False: xm migrate without --live (pause, copy, resume)
+    max_bandwidth_mbps: float = 0.0    # the cap, MB/s (10**6 bytes/s) on the wire; 0: none
     batch_pages: int = DEFAULT_BATCH_PAGES
     connect_timeout: float = 10.0
     io_timeout: float = 30.0
@@ -86,6 +87,13 @@ class MigrationSettings:
             raise ValueError("max_precopy_s >= 0 (0: no limit)")
         if not 0 < self.throttle_initial <= self.throttle_max < 1:
             raise ValueError("0 < throttle_initial <= throttle_max < 1")
+        if not 0 <= self.max_bandwidth_mbps < float("inf"):
+            raise ValueError("max_bandwidth_mbps >= 0 (0: no cap)")
+
+    @property
+    def max_bandwidth(self) -> float:
+        """The cap in bytes/s (0: none)."""
+        return self.max_bandwidth_mbps * 1e6
 
 
 def past_time_limit(settings: MigrationSettings, started: float) -> bool:
@@ -259,12 +267,21 @@ class PrecopyMigration:
         # The destination populates the container before answering: allow
         # for it (a few seconds per GiB at worst).
         wait = self.settings.io_timeout + 5.0 * info.memory_mib / 1024
-        msg, body = self._chan.recv_json({Msg.RESERVED, Msg.REFUSED}, timeout=wait,
-                                         stop=self._abort)
+        self._dest_domid = self._reservation_answer(wait).get("domid")
+
+    def _reservation_answer(self, wait: float) -> dict[str, Any]:
+        """RESERVED's body; REFUSED or BUSY end the migration with the reason."""
+        msg, body = self._chan.recv_json({Msg.RESERVED, Msg.REFUSED, Msg.BUSY},
+                                         timeout=wait, stop=self._abort)
+        if msg is Msg.BUSY:
+            # Authenticated, but every migration slot there is taken: a
+            # moment's condition of the destination, not a trust problem.
+            raise MigrationError("reservation", f"{self.dest_host}'s relocation port is "
+                                 f"busy ({body.get('reason')}); try again later")
         if msg is Msg.REFUSED:
             raise MigrationError("reservation", f"{self.dest_host} refused "
                                  f"({body.get('stage')}): {body.get('reason')}")
-        self._dest_domid = body.get("domid")
+        return body
 
     def _connect(self) -> Channel:
         s = self.settings
@@ -280,11 +297,19 @@ class PrecopyMigration:
             # Identity before a single byte of the guest leaves this host.
             expected_peer(tls, self.dest_host)
             check_not_revoked(tls, self.revoked)
+        except (ssl.SSLEOFError, ConnectionResetError) as exc:
+            # Cut before any certificate was judged: the destination's front
+            # door closes unauthenticated connections it has no room for.
+            (tls or sock).close()
+            raise MigrationError("reservation", f"{self.dest_host} closed the connection "
+                                 "during the TLS handshake, before any certificate was "
+                                 "checked (its relocation port may be overloaded): "
+                                 f"{describe_error(exc)}") from None
         except (OSError, PeerIdentityError) as exc:
             (tls or sock).close()
             raise MigrationError("reservation", f"cannot authenticate {self.dest_host}: "
                                  f"{describe_error(exc)}") from None
-        return Channel(tls, io_timeout=s.io_timeout)
+        return Channel(tls, io_timeout=s.io_timeout, max_rate=s.max_bandwidth)
 
     def _start_sending(self) -> None:
         self._fps, self._sample = prepare(self.settings.verify, self._seed, self._info.npages)
@@ -386,6 +411,9 @@ class PrecopyMigration:
         self._t_pause = time.monotonic()  # the downtime starts here
         self.driver.pause(self.uuid)
         self._paused = True
+        # The bandwidth cap paces pre-copy only: the guest is paused now, and
+        # every paced second would be a second more of downtime.
+        self._chan.lift_cap()
 
     def _stop_and_copy(self) -> None:
         self._pause()
@@ -489,6 +517,9 @@ class PrecopyMigration:
     def _send_abort(self, reason: str) -> None:
         # Best effort: the destination discards on a dropped link anyway.
         if self._chan is not None:
+            # A frame being paced holds the channel (seconds, under a low cap):
+            # finish it at once, so ABORT follows it within try_send_json's wait.
+            self._chan.lift_cap()
             self._chan.try_send_json(Msg.ABORT, {"reason": reason[:1000]}, timeout=2.0)
 
     def _rollback_local(self) -> None:
@@ -523,6 +554,7 @@ class PrecopyMigration:
             "pages_sent": self._pages, "data_pages": self._data_pages,
             "channel_mbps": round(sent / self._send_time / 1e6, 1) if self._send_time else None,
             "throttle": round(self._throttle, 3), "verify": self.settings.verify,
+            "max_bandwidth_mbps": self.settings.max_bandwidth_mbps or None,
             "source_domid": self._info.domid if self._info is not None else None,
             "destination_domid": self._dest_domid,
             "downtime_breakdown_ms": {

@@ -15,6 +15,7 @@ Django-free.
 from __future__ import annotations
 
 import enum
+import errno
 import hashlib
 import json
 import queue
@@ -47,6 +48,7 @@ class Msg(enum.IntEnum):
     HELLO = 0x01       # source -> destination, JSON: ticket + guest + reservation request
     RESERVED = 0x02    # destination -> source, JSON
     REFUSED = 0x03     # destination -> source, JSON {stage, reason}; connection then closes
+    BUSY = 0x04        # destination -> source, JSON {reason}: every migration slot is taken
     PAGES = 0x10       # source -> destination, binary page batch
     SYNC = 0x11        # source -> destination and echoed back, JSON {round}
     VCPU = 0x12        # source -> destination, binary vCPU blob (guest is paused)
@@ -69,6 +71,55 @@ def max_payload(mtype: int) -> int:
 
 def pages_payload_size(count: int, present: int) -> int:
     return 4 + 4 * count + (count + 7) // 8 + PAGE_SIZE * present
+
+
+class TokenBucket:
+    """Paces a byte stream to ``rate`` bytes per second (a migration's
+    bandwidth cap).  Tokens accrue at ``rate`` up to ``burst``; a piece of n
+    bytes (at most ``burst``) leaves once n tokens are there.  So over any
+    interval of t seconds at most ``burst + rate * t`` bytes leave, and a
+    sender that was idle gains no more than ``burst`` - an idle moment never
+    turns into a long run at line speed.  The burst is small (64 KiB, or 5 ms
+    of the rate if that is more): enough to keep TLS records whole and the
+    sleeps few, too little to show in a round's rate.
+
+    ``close()`` (any thread) ends a wait at once with an error, as a socket
+    shutdown ends a blocked ``sendall``."""
+
+    MIN_BURST = 64 * 1024
+    BURST_SECONDS = 0.005
+
+    def __init__(self, rate: float, burst: int | None = None):
+        if not rate > 0:
+            raise ValueError("a token bucket needs a positive rate")
+        self.rate = float(rate)
+        self.burst = int(burst or max(self.MIN_BURST, rate * self.BURST_SECONDS))
+        self._tokens = float(self.burst)
+        self._stamp = time.monotonic()
+        self._closed = threading.Event()
+
+    def take(self, n: int) -> None:
+        """Wait until ``n`` bytes (at most ``burst``) may leave, and spend them."""
+        if n > self.burst:
+            raise ValueError(f"{n} bytes exceed the bucket's burst of {self.burst}")
+        while True:
+            now = time.monotonic()
+            self._tokens = min(float(self.burst), self._tokens + (now - self._stamp) * self.rate)
+            self._stamp = now
+            if self._tokens >= n:
+                self._tokens -= n
+                return
+            if self._closed.wait((n - self._tokens) / self.rate):
+                raise OSError(errno.ECONNABORTED, "the connection was shut down")
+
+    def pieces(self, data: bytes | memoryview):
+        """``data`` in slices the bucket can pass whole."""
+        view = memoryview(data).cast("B")
+        for start in range(0, len(view), self.burst):
+            yield view[start:start + self.burst]
+
+    def close(self) -> None:
+        self._closed.set()
 
 
 class ProtocolError(Exception):
@@ -94,10 +145,13 @@ class Channel:
 
     POLL = 0.2  # how often a blocked read looks at the stop flag
 
-    def __init__(self, sock: ssl.SSLSocket, *, io_timeout: float):
+    def __init__(self, sock: ssl.SSLSocket, *, io_timeout: float, max_rate: float = 0.0):
         self.sock = sock
         self.io_timeout = io_timeout
         self.bytes_out = 0
+        # The bandwidth cap (bytes/s; 0: none) on everything this side sends.
+        self._bucket = TokenBucket(max_rate) if max_rate > 0 else None
+        self._unpaced = False
         self._head = bytearray(HEADER.size)
         self._small = bytearray(MAX_CONTROL)
         self._big: bytearray | None = None  # allocated on the first page frame
@@ -120,9 +174,24 @@ class Channel:
         with self._send_lock:
             self._set_timeout(self.io_timeout)
             for part in parts:
-                if len(part):
+                if not len(part):
+                    continue
+                if self._bucket is None or self._unpaced:
                     self.sock.sendall(part)
                     self.bytes_out += len(part)
+                    continue
+                for piece in self._bucket.pieces(part):
+                    if not self._unpaced:  # lifted mid-frame: the rest goes at once
+                        self._bucket.take(len(piece))
+                    self.sock.sendall(piece)
+                    self.bytes_out += len(piece)
+
+    def lift_cap(self) -> None:
+        """Send the rest unpaced (any thread; from the next piece on): once the
+        guest is paused, pacing would only lengthen its downtime - QEMU, too,
+        sends what is left after the pause at full speed - and a frame being
+        paced when a migration stops must not hold back its ABORT."""
+        self._unpaced = True
 
     # -- receiving ----------------------------------------------------------
     def recv(self, *, timeout: float | None = None, stop: threading.Event | None = None,
@@ -225,6 +294,8 @@ class Channel:
         Safe from another thread: the base-class shutdown leaves the TLS
         object alone, whereas SSLSocket.shutdown drops it, and a reader
         racing with that would read raw ciphertext as frames."""
+        if self._bucket is not None:
+            self._bucket.close()  # a sender waiting for tokens wakes too
         try:
             socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
         except OSError:

@@ -13,9 +13,10 @@ commit point; only the memory and device state travel in QEMU's stream:
    answers RESERVED with ``"qemu": {"port": N}``.
 2. The source's QEMU migrates to that port over TLS (``tls-hostname`` is the
    destination's address, which its certificate names), with
-   ``max-bandwidth`` unlimited, ``downtime-limit`` and auto-converge from the
-   migration's settings.  ``query-migrate`` is polled and each completed
-   QEMU iteration becomes a ``round`` event like the simulated engine's.
+   ``max-bandwidth`` the migration's cap (unlimited without one),
+   ``downtime-limit`` and auto-converge from the migration's settings.
+   ``query-migrate`` is polled and each completed QEMU iteration becomes a
+   ``round`` event like the simulated engine's.
    Maximum rounds and maximum data, which QEMU lacks, are enforced by
    raising ``downtime-limit`` so that QEMU stops and copies at once.
    SYNC frames every few seconds keep the relocation channel alive.
@@ -93,7 +94,9 @@ class QemuMigration(PrecopyMigration):
         self._keepalive_at = 0.0
         self._syncs = 0
         self._forced = False
-        self.max_bandwidth = UNLIMITED_BANDWIDTH  # bytes/s; lower only to test or share a link
+        # bytes/s for QEMU's max-bandwidth: the migration's cap, else none (tests
+        # may lower it to slow a migration down).
+        self.max_bandwidth = int(self.settings.max_bandwidth) or UNLIMITED_BANDWIDTH
 
     def run(self) -> dict[str, Any]:
         try:
@@ -113,11 +116,7 @@ class QemuMigration(PrecopyMigration):
             "virt_features": list(host.virt_features),
             "guest": {"uuid": info.uuid, "name": info.name, "memory_mib": info.memory_mib,
                       "vcpus": info.vcpus, "config": info.config}})
-        msg, body = self._chan.recv_json({Msg.RESERVED, Msg.REFUSED},
-                                         timeout=self.settings.io_timeout, stop=self._abort)
-        if msg is Msg.REFUSED:
-            raise MigrationError("reservation", f"{self.dest_host} refused "
-                                 f"({body.get('stage')}): {body.get('reason')}")
+        body = self._reservation_answer(self.settings.io_timeout)
         self._dest_domid = body.get("domid")
         try:
             self._qemu_port = int(body["qemu"]["port"])
@@ -189,7 +188,15 @@ class QemuMigration(PrecopyMigration):
                               self.qemu_bytes - bytes0, bandwidth or self.qemu_bytes / took,
                               expected)
             self._round_start = (now, self.qemu_bytes, pages)
-        self._throttle = float(status.get("cpu-throttle-percentage", 0)) / 100
+        # The job's figures are QEMU's, as its rounds are: pages sent (zero pages
+        # included, as "duplicate") and those that carried data ("normal").
+        self._pages = max(self._pages, pages)
+        self._data_pages = max(self._data_pages, int(ram.get("normal", 0)))
+        # QEMU reports the throttle only while it applies it and drops it (and the
+        # figure) on completion; auto-converge only ever raises it within a
+        # migration, so the highest seen is the one the last round ran under.
+        self._throttle = max(self._throttle,
+                             float(status.get("cpu-throttle-percentage", 0)) / 100)
         if status.get("status") == "completed":
             self._send_time = max(status.get("total-time", 0) / 1000, 1e-6)
 

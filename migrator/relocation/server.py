@@ -1,10 +1,15 @@
 """The destination side of live migration: xend's relocation server, with TLS.
 
-``RelocationServer`` listens on the relocation port (8002), and for every
-connection, in its own thread:
+``RelocationServer`` listens on the relocation port (8002).  Its front door
+(``admission.py``, one thread) holds every connection until:
 
-1. TLS 1.3 handshake with a client certificate from the deployment CA;
+1. TLS 1.3 handshake with a client certificate from the deployment CA, within
+   one deadline, without a thread or a migration slot;
 2. ``authorize_peer``: identity, revocation, allow-list - before reading a byte;
+
+then the peer takes one of ``max_connections`` migration slots (or is told
+BUSY) and, in its own thread:
+
 3. the first frame (HELLO) must carry a ticket the portal announced for this
    guest and this (authenticated) source host - single use;
 4. reservation: architecture, extensions, memory, disk, subnet, storage; the
@@ -45,8 +50,9 @@ from migrator.hypervisor.base import (
     HypervisorDriver,
     HypervisorError,
 )
-from migrator.tls import AllowList, PeerIdentityError, authorize_peer
+from migrator.tls import AllowList, authorize_peer
 
+from .admission import FrontDoor
 from .protocol import (
     DEFAULT_PORT,
     MAX_BATCH_PAGES,
@@ -185,7 +191,10 @@ class _Incoming:
     def _hello(self) -> dict[str, Any]:
         if self.peer == self.server.host_name:
             raise Refusal("authorize", "a guest cannot migrate to its own host")
-        _, hello = self.chan.recv_json({Msg.HELLO}, timeout=self.server.handshake_timeout)
+        try:
+            _, hello = self.chan.recv_json({Msg.HELLO}, timeout=self.server.handshake_timeout)
+        except ProtocolError as exc:  # garbage where HELLO belongs: a refusal, audited
+            raise Refusal("protocol", describe_error(exc)) from None
         guest = hello.get("guest") if isinstance(hello.get("guest"), dict) else {}
         try:
             self.server.tickets.claim(hello.get("ticket"), guest.get("uuid"), self.peer)
@@ -377,8 +386,9 @@ class RelocationServer:
                  revoked_serials: Container[int] = frozenset(),
                  address: str = "127.0.0.1", port: int = DEFAULT_PORT,
                  on_guest: OnGuest | None = None, host_name: str | None = None,
-                 io_timeout: float = 30.0, handshake_timeout: float = 10.0,
+                 io_timeout: float = 30.0, handshake_timeout: float = 5.0,
                  commit_timeout: float = 30.0, max_connections: int = 8,
+                 max_unauthenticated: int = 64, max_unauthenticated_per_address: int = 8,
                  populate: bool = True):
         self.driver, self.facts, self.context = driver, host_facts, tls_context
         self.allow_list, self.tickets, self.revoked_serials = allow_list, tickets, revoked_serials
@@ -386,15 +396,21 @@ class RelocationServer:
         self.host_name = host_name or driver.host_info().name
         self.io_timeout, self.handshake_timeout = io_timeout, handshake_timeout
         self.commit_timeout, self.max_connections = commit_timeout, max_connections
+        if handshake_timeout <= 0 or min(max_connections, max_unauthenticated,
+                                         max_unauthenticated_per_address) < 1:
+            raise ValueError("handshake_timeout > 0; max_connections, max_unauthenticated "
+                             "and max_unauthenticated_per_address >= 1")
+        self.max_unauthenticated = max_unauthenticated
+        self.max_unauthenticated_per_address = max_unauthenticated_per_address
         self.populate = populate
         self._on_event, self._on_guest = on_event, on_guest
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        self._listener: socket.socket | None = None
+        self._front: FrontDoor | None = None
         self._thread: threading.Thread | None = None
-        # thread -> the socket it currently uses (the TLS wrapper takes over
-        # the raw socket's descriptor, so stop() must shut down the wrapper)
-        self._conns: dict[threading.Thread, socket.socket] = {}
+        # An authenticated migration's thread -> its TLS socket and its peer:
+        # the taken migration slots.
+        self._conns: dict[threading.Thread, tuple[ssl.SSLSocket, str]] = {}
         self._in_doubt: dict[str, dict[str, Any]] = {}
         # A QEMU host takes QEMU's own TLS stream, not pages (qemu_tls.py).
         self.incoming: type[_Incoming] = _Incoming
@@ -410,11 +426,15 @@ class RelocationServer:
         listener = socket.socket(family, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((self.address, self.port))
-        listener.listen(16)
-        listener.settimeout(0.2)  # accept() wakes up to notice stop()
-        self._listener, self.port = listener, listener.getsockname()[1]
-        self._thread = threading.Thread(target=self._serve, name=f"relocation-{self.port}",
-                                        daemon=True)
+        listener.listen(128)  # the front door drains it at once, even under a flood
+        self.port = listener.getsockname()[1]
+        self._front = FrontDoor(
+            listener, self.context, handshake_timeout=self.handshake_timeout,
+            max_unauthenticated=self.max_unauthenticated,
+            max_unauthenticated_per_address=self.max_unauthenticated_per_address,
+            authorize=self._authorize, admit=self._admit, refuse=self.refuse)
+        self._thread = threading.Thread(target=self._front.run, args=(self._stopping,),
+                                        name=f"relocation-{self.port}", daemon=True)
         self._thread.start()
         log.info("relocation server of %s listening on %s:%d", self.host_name,
                  self.address, self.port)
@@ -427,7 +447,7 @@ class RelocationServer:
         self._stopping.set()
         with self._lock:
             conns = list(self._conns.items())
-        for _, sock in conns:
+        for _, (sock, _peer) in conns:
             try:
                 # Like a crash: the close that follows resets the connection,
                 # so a source blocked in sendall fails at once.
@@ -439,51 +459,33 @@ class RelocationServer:
             self._thread.join(timeout)
         for thread, _ in conns:
             thread.join(timeout)
-        if self._listener is not None:
-            self._listener.close()
 
-    def _serve(self) -> None:
-        assert self._listener is not None
-        while not self._stopping.is_set():
-            try:
-                conn, addr = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                break
-            with self._lock:
-                busy = len(self._conns) >= self.max_connections
-                if not busy:
-                    thread = threading.Thread(target=self._connection, args=(conn, addr[0]),
-                                              name=f"relocation-in-{addr[0]}", daemon=True)
-                    self._conns[thread] = conn
-            if busy:
-                self.refuse("connect", "too many relocation connections", None, addr[0])
-                conn.close()
-                continue
-            thread.start()
+    def active(self) -> list[str]:
+        """The peers of the migrations holding a slot now."""
+        with self._lock:
+            return [peer for _, peer in self._conns.values()]
 
-    def _connection(self, conn: socket.socket, address: str) -> None:
-        try:
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.settimeout(self.handshake_timeout)
-            try:
-                tls = self.context.wrap_socket(conn, server_side=True)
-            except (ssl.SSLError, OSError) as exc:
-                self.refuse("tls", f"TLS handshake failed: {_tls_reason(exc)}", None, address)
-                return
-            with self._lock:
-                self._conns[threading.current_thread()] = tls
+    def _authorize(self, tls: ssl.SSLSocket, address: str) -> str:
+        return authorize_peer(tls, allow_list=self.allow_list,
+                              revoked_serials=self.revoked_serials, address=address)
+
+    def _admit(self, tls: ssl.SSLSocket, peer: str, address: str) -> str | None:
+        """An authenticated, allowed peer takes a migration slot and a thread;
+        returns None, or why it cannot (the front door then says BUSY)."""
+        with self._lock:
             if self._stopping.is_set():
-                tls.close()
-                return
-            try:
-                peer = authorize_peer(tls, allow_list=self.allow_list,
-                                      revoked_serials=self.revoked_serials)
-            except PeerIdentityError as exc:
-                self.refuse("authorize", str(exc), None, address)
-                tls.close()
-                return
+                return f"{self.host_name} is shutting down"
+            if len(self._conns) >= self.max_connections:
+                return f"all {self.max_connections} migration slots are taken"
+            thread = threading.Thread(target=self._connection, args=(tls, peer, address),
+                                      name=f"relocation-in-{peer}", daemon=True)
+            self._conns[thread] = (tls, peer)
+        thread.start()
+        return None
+
+    def _connection(self, tls: ssl.SSLSocket, peer: str, address: str) -> None:
+        try:
+            tls.settimeout(self.io_timeout)  # blocking again: the front door's was not
             chan = Channel(tls, io_timeout=self.io_timeout)
             try:
                 self.incoming(self, chan, peer, address).run()
@@ -492,7 +494,7 @@ class RelocationServer:
         finally:
             with self._lock:
                 self._conns.pop(threading.current_thread(), None)
-            conn.close()
+            tls.close()
 
     # -- reporting ------------------------------------------------------------
     def emit(self, event: Event) -> None:
@@ -579,12 +581,6 @@ class RelocationServer:
                    "source kept the guest", "stage": "in_doubt"})
         self.guest_event("discarded", None)
         return None
-
-
-def _tls_reason(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLError):
-        return exc.reason or str(exc)
-    return str(exc) or type(exc).__name__
 
 
 __all__ = ["HostFacts", "Refusal", "RelocationServer", "check_reservation"]

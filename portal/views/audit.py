@@ -4,10 +4,18 @@ from django.http import StreamingHttpResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_POST
 
-from portal import audit, audit_query
+from portal import audit, audit_anchor, audit_query
 from portal.roles import reader_required
 
 PAGE_SIZE = 50
+
+
+def _anchor_key():
+    """The anchor public key for the page, or why there is none (never key material)."""
+    try:
+        return {"anchor_public_key": audit_anchor.public_key_text()}
+    except audit_anchor.AnchorError as exc:
+        return {"anchor_key_error": str(exc)}
 
 
 @reader_required
@@ -17,25 +25,28 @@ def audit_list(request):
     query = request.GET.copy()
     query.pop("page", None)
     return render(request, "portal/audit_list.html",
-                  {"form": form, "page": page, "query": query.urlencode()})
+                  {"form": form, "page": page, "query": query.urlencode(), **_anchor_key()})
 
 
 @reader_required
 @require_POST
 def audit_verify(request):
-    result = audit.verify_chain()
+    result = audit_anchor.verify_with_local_anchors()
     audit.record_request(request, "audit.verify", target="audit-chain",
                          details={"ok": result.ok, "count": result.count,
                                   "broken_seq": result.broken_seq})
     form, records = audit_query.filtered_records({})
     page = Paginator(records, PAGE_SIZE).get_page(1)
     return render(request, "portal/audit_list.html",
-                  {"form": form, "page": page, "query": "", "verification": result})
+                  {"form": form, "page": page, "query": "", "verification": result,
+                   **_anchor_key()})
 
 
 EXPORTS = {
     "jsonl": (audit_query.export_jsonl, "application/x-ndjson"),
     "csv": (audit_query.export_csv, "text/csv"),
+    # The whole chain, its digests and signed anchors: checkable with the public key alone.
+    "chain.jsonl": (audit_query.export_chain, "application/x-ndjson"),
 }
 
 

@@ -42,7 +42,11 @@
       [["total time", job.result.total_time_s + " s"], ["downtime", job.result.downtime_ms + " ms"],
        ["bytes sent", job.result.bytes_sent + " (" + job.result.bytes_ratio + " × memory)"],
        ["rounds", job.result.rounds], ["stop-and-copy because", job.result.stop_reason],
-       ["commit check", job.result.verify]]
+       ["commit check", job.result.verify],
+       ["bandwidth cap", job.result.max_bandwidth_mbps === undefined ? undefined
+         : job.result.max_bandwidth_mbps ? job.result.max_bandwidth_mbps + " MB/s" : "none"],
+       ["CPU throttle", job.result.throttle === undefined ? undefined
+         : Math.round(job.result.throttle * 100) + " %"]]
         .filter(function (row) { return row[1] !== undefined && row[1] !== null; })
         .forEach(function (row) {
           var dt = document.createElement("dt"); dt.textContent = row[0];

@@ -66,6 +66,27 @@ def test_migrating_with_the_incremental_commit_check_shows_it_in_the_final_recor
     assert deployment.guest("debian_etch")["host"] == "hostc"
 
 
+def test_a_bandwidth_cap_typed_on_the_migrate_page_is_shown_on_the_job_and_its_record(
+        page, deployment):
+    etch = deployment.guest("debian_etch")
+    there = "hostb" if etch["host"] == "hostc" else "hostc"
+    migrate_precheck(page, etch["uuid"], there)
+    cap = page.locator("input[name=max_bandwidth_mbps]")
+    expect(cap).to_have_attribute("placeholder", "none")  # the deployment's default: no cap
+    cap.fill("200")
+    shot(page, "13a-migrate-bandwidth-cap")
+    page.click(f"button:has-text('Migrate to {there}')")
+
+    page.wait_for_url("**/jobs/*/")
+    expect(page.locator("#job-bandwidth-cap")).to_have_text("Bandwidth cap: 200 MB/s")
+    expect(page.locator("#job-state")).to_have_text("succeeded", timeout=JOB_TIMEOUT_MS)
+    final = page.locator("#migration-final")
+    expect(final.locator("xpath=dt[.='bandwidth cap']/following-sibling::dd[1]")).to_have_text(
+        "200 MB/s")
+    shot(page, "13b-migrate-bandwidth-cap-final")
+    assert deployment.guest("debian_etch")["host"] == there
+
+
 def test_a_result_the_agent_sends_after_the_portal_failed_the_job_is_shown_on_its_page(
         page, admin, deployment):
     agent = deployment.agents["hostb"]

@@ -1,10 +1,14 @@
-"""Portal-side migrator fixtures: an enrolled host with a live agent connection."""
+"""Portal-side migrator fixtures: an enrolled host with a live agent connection,
+and the real Linux test guest."""
+import shutil
+
 import pytest
 
 from migrator.enrollment import HostSpec, enroll
 from migrator.models import Host
 from portal.routing import websocket_application
 from tests.support.channels_testing import WebsocketCommunicator
+from tests.support.guest_image import BUILD_HINT, find_image, image_dir
 
 
 @pytest.fixture
@@ -62,3 +66,16 @@ async def connect_agent(credential, name, guests=(GUEST,), **extra):
 
 def host(name):
     return Host.objects.get(name=name)
+
+
+@pytest.fixture(scope="session")
+def real_guest():
+    """Debian's kernel and the busybox initramfs (tests/support/guest_image.py)
+    to boot under QEMU; skips, saying how to get them, where they are missing."""
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
+    image = find_image()
+    if image is None:
+        pytest.skip(f"the real Linux test guest is not built in {image_dir()}: "
+                    f"run {BUILD_HINT}")
+    return image

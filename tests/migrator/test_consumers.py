@@ -1,14 +1,21 @@
 """The agent socket and the job sockets, through the real routing."""
+import asyncio
+import time
+from datetime import timedelta
+
+import httpx
 import pytest
 from asgiref.sync import sync_to_async
 from django.test import Client, RequestFactory
+from django.utils import timezone
 
-from migrator import orchestrate
+from migrator import orchestrate, revocation
 from migrator.enrollment import revoke
-from migrator.models import Guest, Job, JobState
+from migrator.models import Guest, Host, Job, JobState
+from portal import audit
 from portal.models import AuditRecord
 from portal.routing import websocket_application
-from tests.migrator.conftest import GUEST, agent_socket, connect_agent
+from tests.migrator.conftest import GUEST, agent_socket, connect_agent, hello
 from tests.support.channels_testing import WebsocketCommunicator
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -63,6 +70,62 @@ async def test_revoked_host_is_cut_off(enrolled):
     await sync_to_async(revoke)("hostb")
     connected, _ = await agent_socket(enrolled["hostb"]).connect()
     assert not connected
+
+
+async def revoke_elsewhere(name):
+    """What `hosts revoke` in its own process does to this one: its row changes, and no
+    message reaches this process's channel layer."""
+    await Host.objects.filter(name=name).aupdate(revoked_at=timezone.now())
+
+
+async def closed_with(socket, timeout):
+    output = await socket.receive_output(timeout=timeout)
+    assert output["type"] == "websocket.close", output
+    return output["code"]
+
+
+async def test_what_a_host_sends_after_its_revocation_elsewhere_is_not_applied(enrolled,
+                                                                              monkeypatch):
+    monkeypatch.setattr(revocation, "CHECK_INTERVAL", 60)  # the message check alone
+    socket = await connect_agent(enrolled["hostb"], "hostb", guests=())
+    await revoke_elsewhere("hostb")
+    await socket.send_json_to({"type": "inventory", "capacity": {}, "guests": [GUEST]})
+    assert await closed_with(socket, 2) == 4003
+    assert not await Guest.objects.filter(uuid=GUEST["uuid"]).aexists()
+    cut = await AuditRecord.objects.aget(action="host.cut_off")
+    assert cut.outcome == "denied" and cut.actor == "host:hostb"
+    assert cut.details == {"reason": "the host was revoked", "dropped": "inventory"}
+
+
+async def test_a_silent_host_revoked_elsewhere_is_closed_within_a_second(enrolled):
+    socket = await connect_agent(enrolled["hostb"], "hostb", guests=())
+    await revoke_elsewhere("hostb")
+    started = time.monotonic()
+    assert await closed_with(socket, 2) == 4003
+    assert time.monotonic() - started <= 1.0 + revocation.CHECK_INTERVAL
+    assert await AuditRecord.objects.filter(action="host.cut_off",
+                                            target="host:hostb").acount() == 1
+
+
+async def test_other_agents_are_told_a_revocation_made_elsewhere_within_a_second(enrolled):
+    hostc = await connect_agent(enrolled["hostc"], "hostc", guests=())
+    await revoke_elsewhere("hostb")
+    serial = int((await Host.objects.aget(name="hostb")).cert_serial)
+    message = await hostc.receive_json_from(timeout=1.0 + revocation.CHECK_INTERVAL)
+    assert message == {"type": "revocations", "revoked_serials": [serial]}
+    await hostc.receive_nothing(timeout=3 * revocation.CHECK_INTERVAL)  # told once
+    await hostc.disconnect()
+
+
+async def test_welcome_carries_the_revocations_from_the_database(enrolled):
+    await revoke_elsewhere("hostb")  # not in this portal's CA directory: another machine's
+    serial = int((await Host.objects.aget(name="hostb")).cert_serial)
+    socket = agent_socket(enrolled["hostc"])
+    assert (await socket.connect())[0]
+    await socket.send_json_to(hello("hostc", guests=()))
+    welcome = await socket.receive_json_from(timeout=5)
+    assert welcome["type"] == "welcome" and welcome["revoked_serials"] == [serial]
+    await socket.disconnect()
 
 
 async def test_save_command_reaches_the_agent_and_events_reach_watchers(enrolled, admin_user):
@@ -170,3 +233,102 @@ async def test_agent_that_vanishes_leaves_its_job_unknown_after_the_timeout(enro
     assert await sync_to_async(inventory.expire_stale_jobs)() == 1
     job = await Job.objects.aget(id=job.id)
     assert job.state == JobState.UNKNOWN and "went away" in job.error
+
+
+def socket_from(address, credential):
+    socket = agent_socket(credential)
+    socket.scope["client"] = (address, 40000)
+    return socket
+
+
+async def denied_connects():
+    return [r async for r in AuditRecord.objects.filter(action="host.connect",
+                                                        outcome="denied").order_by("seq")]
+
+
+async def test_a_burst_of_bad_handshakes_writes_a_bounded_number_of_audit_rows(enrolled):
+    for i in range(200):
+        connected, _ = await socket_from("10.9.9.9", f"hc_guess-{i}").connect()
+        assert not connected
+    # One record at once; the other 199 are counted and become one aggregate.
+    [first] = await denied_connects()
+    assert first.source_ip == "10.9.9.9" and first.details["refusals"] == 1
+    await sync_to_async(audit.flush_refusals)(timezone.now() + timedelta(minutes=2))
+    first, aggregate = await denied_connects()
+    assert aggregate.details["refusals"] == 199 and aggregate.source_ip == "10.9.9.9"
+    assert set(aggregate.details["reasons"]) == {
+        "missing, unknown or revoked host credential",
+        "more than 10 refused attempts from this address in the interval: refused "
+        "without checking the credential"}
+
+
+async def test_beyond_the_limit_an_address_is_refused_without_its_credential_being_checked(
+        enrolled, settings):
+    settings.AGENT_CONNECT_FAILURE_LIMIT = 3
+    settings.AUDIT_REFUSAL_INTERVAL_SECONDS = 1
+    for _ in range(3):
+        assert not (await socket_from("10.9.9.9", "hc_wrong").connect())[0]
+    # Even the right credential, from that address, until the interval ends.
+    assert not (await socket_from("10.9.9.9", enrolled["hostb"]).connect())[0]
+    # Another address is not affected.
+    good = socket_from("10.9.9.10", enrolled["hostb"])
+    assert (await good.connect())[0]
+    await good.disconnect()
+    await asyncio.sleep(1.1)
+    again = socket_from("10.9.9.9", enrolled["hostb"])
+    assert (await again.connect())[0]
+    await again.disconnect()
+
+
+@pytest.mark.slow
+def test_real_portal_a_flood_of_bad_agent_handshakes_writes_two_audit_rows(tmp_path):
+    """Issue 14, 5: 200 unauthenticated handshakes in about a second wrote 200 rows."""
+    from tests.support.server import PortalServer
+
+    (tmp_path / "data").mkdir()
+    interval = 10  # long enough for the burst on a loaded machine: one interval
+    portal = PortalServer(tmp_path / "data",
+                          {"BERTH_AUDIT_REFUSAL_INTERVAL_SECONDS": str(interval)}).start()
+    try:
+        token = portal.issue_token("auditor", "audit:read")
+        started = time.monotonic()
+        refused = asyncio.run(bad_handshakes(portal.port, 200))
+        elapsed = time.monotonic() - started
+        assert refused == 200 and elapsed < interval
+        count, rows = denied_via_api(portal, token)
+        assert count == 1 and rows[0]["details"]["refusals"] == 1
+        # The interval closes; reading the trail then writes its aggregate.
+        time.sleep(max(0.0, started + interval + 0.5 - time.monotonic()))
+        count, rows = denied_via_api(portal, token)
+        assert [r["details"]["refusals"] for r in rows] == [199, 1]
+        print(f"200 bad handshakes in {elapsed:.2f} s -> {len(rows)} audit rows")
+    finally:
+        portal.stop()
+
+
+async def bad_handshakes(port, count, concurrency=20):
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus
+
+    refused, gate = 0, asyncio.Semaphore(concurrency)
+
+    async def one(i):
+        nonlocal refused
+        async with gate:
+            try:
+                async with connect(f"ws://127.0.0.1:{port}/ws/agent/", additional_headers={
+                        "Authorization": f"Host hc_guess-{i}"}, open_timeout=30):
+                    pass
+            except InvalidStatus as exc:
+                refused += exc.response.status_code == 403
+
+    await asyncio.gather(*(one(i) for i in range(count)))
+    return refused
+
+
+def denied_via_api(portal, token):
+    answer = httpx.get(f"{portal.url}/api/v1/audit/",
+                       params={"action": "host.connect", "outcome": "denied"},
+                       headers={"Authorization": f"Token {token}"})
+    assert answer.status_code == 200, answer.text
+    return answer.json()["count"], answer.json()["results"]

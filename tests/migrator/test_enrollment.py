@@ -8,10 +8,14 @@ from pathlib import Path
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
+from rest_framework import exceptions
+from rest_framework.test import APIRequestFactory
 
 from migrator import credentials, pki
-from migrator.models import Host
+from migrator.enrollment import revoke
+from migrator.models import Host, Job, JobCredential, JobKind
 from portal.models import AuditRecord
+from tests.migrator.conftest import GUEST
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -80,3 +84,24 @@ def test_revoke_cuts_credential_and_certificate(portal_dirs, db):
     assert AuditRecord.objects.filter(action="host.revoke").exists()
     with pytest.raises(CommandError, match="already revoked"):
         call_command("hosts", "revoke", "hostb")
+
+
+def test_revoke_ends_the_hosts_unused_job_credentials(enrolled, admin_user):
+    def job_on(name):
+        return Job.objects.create(kind=JobKind.SAVE, requester=admin_user,
+                                  source_host=Host.objects.get(name=name),
+                                  guest_uuid=GUEST["uuid"], guest_name=GUEST["name"])
+
+    hostb_upload = credentials.issue_job_credential(job_on("hostb"), JobCredential.UPLOAD)
+    hostc_upload = credentials.issue_job_credential(job_on("hostc"), JobCredential.UPLOAD)
+
+    def authenticate(secret):
+        request = APIRequestFactory().post("/", HTTP_AUTHORIZATION=f"Job {secret}")
+        return credentials.JobCredentialAuthentication().authenticate(request)
+
+    revoke("hostb")
+    with pytest.raises(exceptions.AuthenticationFailed, match="expired"):
+        authenticate(hostb_upload)  # the revoked host moves no more image bytes
+    assert authenticate(hostc_upload)[0] == admin_user
+    record = AuditRecord.objects.get(action="host.revoke")
+    assert record.details["job_credentials_ended"] == 1

@@ -127,3 +127,72 @@ def test_the_commit_check_is_chosen_per_migration_and_checked(admin_client, enro
     assert not Job.objects.exists()
     admin_client.post(page, {"destination": "hostc", "live": "1", "verify": "full"})
     assert Job.objects.get().parameters["verify"] == "full"
+
+
+@pytest.fixture
+def both_online(enrolled, monkeypatch):
+    from migrator import inventory
+    from tests.migrator.conftest import hello
+
+    sent = []
+    monkeypatch.setattr("migrator.progress.send_to_host", lambda h, p: sent.append((h, p)))
+    for name, guests in (("hostb", [GUEST]), ("hostc", [])):
+        inventory.connected(Host.objects.get(name=name), f"chan-{name}", hello(name, guests))
+    return sent
+
+
+@pytest.mark.parametrize("bad", [0, -5, 100_001, 2.5, "fast", "", None, True])
+def test_a_bandwidth_cap_that_is_not_a_positive_bounded_whole_number_is_a_clear_400(
+        admin_client, both_online, bad):
+    response = admin_client.post(f"/api/v1/guests/{GUEST['uuid']}/migrate",
+                                 {"destination": "hostc", "max_bandwidth_mbps": bad},
+                                 content_type="application/json")
+    body = response.json()
+    assert response.status_code == 400 and body["error"] == "invalid", body
+    assert body["detail"]["max_bandwidth_mbps"] == [migration.BANDWIDTH_HINT], body
+    assert not Job.objects.exists() and both_online == []
+
+
+def test_the_bandwidth_cap_is_carried_to_the_source_and_shown_on_the_job(
+        admin_client, both_online, settings):
+    settings.MIGRATION_MAX_BANDWIDTH_MBPS = 50
+    url = f"/api/v1/guests/{GUEST['uuid']}/migrate"
+    response = admin_client.post(url, {"destination": "hostc", "max_bandwidth_mbps": 120},
+                                 content_type="application/json")
+    assert response.status_code == 202, response.json()
+    job = Job.objects.get()
+    assert response.json()["parameters"]["max_bandwidth_mbps"] == 120
+    # The source's migrate command carries it in the migration's parameters.
+    migration.destination_ready(job)
+    start = [p for h, p in both_online if h == "hostb"][-1]
+    assert start["action"] == "migrate" and start["parameters"]["max_bandwidth_mbps"] == 120
+    assert AuditRecord.objects.get(action="guest.migrate").details["max_bandwidth_mbps"] == 120
+    page = admin_client.get(f"/jobs/{job.id}/").content.decode()
+    assert 'id="job-bandwidth-cap">Bandwidth cap: <strong>120 MB/s</strong>' in page
+    # Without one, the setting's default; 0 there means no cap.
+    Job.objects.all().delete()
+    admin_client.post(url, {"destination": "hostc"}, content_type="application/json")
+    assert Job.objects.get().parameters["max_bandwidth_mbps"] == 50
+    Job.objects.all().delete()
+    settings.MIGRATION_MAX_BANDWIDTH_MBPS = 0
+    admin_client.post(url, {"destination": "hostc"}, content_type="application/json")
+    job = Job.objects.get()
+    assert job.parameters["max_bandwidth_mbps"] == 0
+    assert 'id="job-bandwidth-cap">Bandwidth cap: none' in admin_client.get(
+        f"/jobs/{job.id}/").content.decode()
+
+
+def test_the_migrate_page_offers_the_cap_and_checks_it(admin_client, both_online, settings):
+    settings.MIGRATION_MAX_BANDWIDTH_MBPS = 40
+    page = f"/jobs/guests/{GUEST['uuid']}/migrate"
+    shown = admin_client.get(page + "?destination=hostc").content.decode()
+    assert 'name="max_bandwidth_mbps"' in shown and "default 40 MB/s" in shown
+    response = admin_client.post(page, {"destination": "hostc", "live": "1",
+                                        "max_bandwidth_mbps": "0"}, follow=True)
+    assert "The bandwidth cap is a whole number of MB/s" in response.content.decode()
+    assert not Job.objects.exists() and both_online == []
+    admin_client.post(page, {"destination": "hostc", "live": "1", "max_bandwidth_mbps": " 25 "})
+    assert Job.objects.get().parameters["max_bandwidth_mbps"] == 25
+    Job.objects.all().delete()
+    admin_client.post(page, {"destination": "hostc", "live": "1", "max_bandwidth_mbps": ""})
+    assert Job.objects.get().parameters["max_bandwidth_mbps"] == 40

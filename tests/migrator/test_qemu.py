@@ -1,14 +1,17 @@
 """The QEMU driver against real qemu-system-x86_64 processes (TCG)."""
 import os
+import re
 import shutil
 import time
 
 import pytest
 
+from migrator.agent import parse_config
 from migrator.hypervisor import GuestSpec, GuestState, HypervisorError, InvalidRequest
 from migrator.hypervisor.qemu import QemuDriver
 from migrator.hypervisor.qemu_process import TICK_COUNTER, alive, command_line
 from migrator.hypervisor.savestream import SaveStreamError
+from tests.support.polling import wait_for
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,
                                 reason="qemu-system-x86_64 is not installed "
@@ -142,3 +145,23 @@ def test_a_qemu_that_cannot_start_frees_its_own_claim_and_leaves_a_callers_reser
     assert driver.capacity().reserved_mib == 64  # the relocation server releases it
     driver.release_reservation(res.id)
     assert driver.list() == [] and not [p for p in driver.run_dir.iterdir() if p.is_dir()]
+
+
+@pytest.mark.slow
+def test_the_documented_kernel_initrd_append_config_boots_a_real_linux_guest(
+        host, tmp_path, real_guest):
+    """docs/qemu.md's guest keys, through the agent's config, boot Debian's
+    kernel with the busybox initramfs; its init prints TICK lines on ttyS0."""
+    config = parse_config({
+        "host": {"name": "hostb", "driver": "qemu", "memory_mib": 512,
+                 "state_dir": str(tmp_path / "state")},
+        "portal": {"url": "http://127.0.0.1:8000", "credential": "hc_x"},
+        "guests": [{"name": "web-1", "memory_mib": 128, "kernel": str(real_guest.kernel),
+                    "initrd": str(real_guest.initrd), "append": "console=ttyS0 quiet"}]})
+    web = config.guests[0]
+    driver = host()
+    info = driver.create(GuestSpec(web.name, web.memory_mib, web.vcpus, web.driver_config()))
+    output = wait_for(lambda: len(re.findall(rb"TICK \d+ ", out := driver.console_output(
+        info.uuid).data)) >= 3 and out, "the guest's TICK lines", 120)
+    assert [int(n) for n in re.findall(rb"TICK (\d+) [\d.]+\r?\n", output)][:3] == [1, 2, 3]
+    assert driver.get(info.uuid).active

@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -162,3 +163,50 @@ def test_restore_refusals_change_nothing(deployment):
     assert deployment.finished(busy_first.json()["id"])["state"] == "succeeded"
     running = deployment.api.post(f"/api/v1/images/{image}/restore", json={"host": "hostb"})
     assert running.status_code == 409 and "already running" in running.json()["detail"]
+
+
+def test_an_image_whose_files_were_replaced_on_disk_is_refused_everywhere(deployment):
+    """Issue 14, section 3: someone with write access to the vault's files (not the
+    database, not the keyring) copies image A's object and envelope over B's."""
+    images = {}
+    for name in ("debian_etch", "ubuntu_fuwa_nfs_domu"):
+        guest = deployment.guest(name)
+        saved = deployment.finished(
+            deployment.api.post(f"/api/v1/guests/{guest['uuid']}/save").json()["id"])
+        assert saved["state"] == "succeeded", saved
+        images[name] = saved["image"]
+    a, b = images["debian_etch"], images["ubuntu_fuwa_nfs_domu"]
+    plain_a = deployment.api.get(f"/api/v1/images/{a}/content").content
+    vault = Path(deployment.portal.env["BERTH_DATA_DIR"]) / "vault"
+    for suffix in (".img", ".key"):
+        (source,) = vault.rglob(f"{a}{suffix}")
+        (target,) = vault.rglob(f"{b}{suffix}")
+        target.write_bytes(source.read_bytes())
+
+    download = deployment.api.get(f"/api/v1/images/{b}/content")
+    assert download.status_code == 409, download.status_code
+    assert download.json()["error"] == "integrity_error"
+    assert plain_a[-4096:] not in download.content and len(download.content) < 1000
+
+    job = deployment.api.post(f"/api/v1/images/{b}/restore", json={"host": "hostb"})
+    assert job.status_code == 202, job.text
+    failed = deployment.finished(job.json()["id"])
+    assert failed["state"] == "failed"
+    assert f"image {b} failed its integrity check" in failed["error"]
+    assert deployment.guest("ubuntu_fuwa_nfs_domu")["host"] is None  # nothing restored
+
+    verify = manage("vault", "verify", "--all", env=deployment.portal.env, check=False)
+    assert verify.returncode != 0
+    assert f"{b}  FAILED" in verify.stdout and f"image id is {a}" in verify.stdout
+    assert f"{a}  OK" in verify.stdout
+    assert "Traceback" not in verify.stderr and verify.stderr.strip().count("\n") == 0
+
+    out = manage("tokens", "issue", "admin", "--scope", "audit:read",
+                 env=deployment.portal.env).stdout
+    auditor = httpx.Client(base_url=deployment.portal.url, timeout=30, headers={
+        "Authorization": f"Token {out.split('token: ')[1].split()[0]}"})
+    records = auditor.get("/api/v1/audit/", params={"action": "image.download",
+                                                     "target": b}).json()["results"]
+    assert records and {r["outcome"] for r in records} == {"failed"}
+    assert all(f"image id is {a}" in r["details"]["reason"] for r in records)
+    assert len(records) == 2  # the API's download and the agent's, neither allowed

@@ -102,6 +102,14 @@ def test_appended_row_is_detected():
     assert_broken_at(4)
 
 
+def test_a_row_numbered_before_the_first_is_detected():
+    write_records(3)
+    forged = AuditRecord.objects.get(seq=1)
+    forged.pk, forged.seq = None, 0
+    forged.save()
+    assert_broken_at(1)
+
+
 def test_swapped_rows_are_detected():
     write_records(5)
     a, b = AuditRecord.objects.get(seq=2), AuditRecord.objects.get(seq=4)

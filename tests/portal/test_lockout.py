@@ -12,7 +12,7 @@ from django.test import Client
 from django.utils import timezone
 
 from portal.accounts import issue_token
-from portal.models import AuditRecord, Outcome
+from portal.models import AuditRecord, Outcome, RefusalWindow
 from tests.conftest import PASSWORD, set_api_rates
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -197,3 +197,17 @@ def test_signed_in_callers_have_their_own_rate(auditor_user, settings):
     client = Client(HTTP_AUTHORIZATION=f"Token {secret}")
     statuses = [client.get("/api/v1/audit/").status_code for _ in range(4)]
     assert statuses == [200, 200, 200, 429]
+
+
+def test_a_flood_of_sign_ins_during_a_lockout_is_counted_not_written_each_time(admin_user):
+    """Each attempt while locked out wrote two records, as often as anyone liked."""
+    fail(6)  # five failures and the lockout: six records of their own, one lockout
+    before = AuditRecord.objects.count()
+    for _ in range(50):
+        assert sign_in("alice", "guess")[1].status_code == 429
+    written = AuditRecord.objects.order_by("seq")[before:]
+    assert [(r.action, r.outcome, r.details["reason"]) for r in written] == [
+        ("auth.login", Outcome.FAILED, "locked out"),
+        ("auth.lockout", Outcome.DENIED, "sign-in attempted while locked out")]
+    assert sorted(RefusalWindow.objects.values_list("action", "count")) == [
+        ("auth.lockout", 50), ("auth.login", 50)]

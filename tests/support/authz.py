@@ -47,8 +47,8 @@ class World:
     Two online hosts; ``guest`` runs on hostb; ``image`` is another guest's saved image
     that fits hostc (so an allowed restore starts a job); ``job`` is a running save of a
     third guest on hostb; ``doubtful`` a migration in doubt; ``unknown`` a restore the
-    portal gave up on while hostc's agent was away; ``token`` is the owner's API token
-    prefix.
+    portal gave up on while hostc's agent was away; ``conflicted`` a guest on hostb that
+    hostc claims; ``token`` is the owner's API token prefix.
     """
 
     @cached_property
@@ -62,7 +62,7 @@ class World:
 
     @cached_property
     def hostc(self):
-        _host("hostc")
+        self.hostc_secret = _host("hostc")
         return "hostc"
 
     @cached_property
@@ -71,6 +71,22 @@ class World:
             uuid=uuid.uuid4(), name="debian_etch", host=Host.objects.get(name=self.hostb),
             domain_id=1, memory_mib=128, state="running", active=True,
             config={"ip": "192.168.1.110", "storage": ["hosta:/xen-storage"]})
+        return str(guest.uuid)
+
+    @cached_property
+    def conflicted(self):
+        """A guest on hostb that hostc also claims: an open claim conflict."""
+        from migrator.models import ClaimConflict
+
+        guest = Guest.objects.create(
+            uuid=uuid.uuid4(), name="sarge", host=Host.objects.get(name=self.hostb),
+            domain_id=3, memory_mib=128, state="running", active=True)
+        ClaimConflict.objects.create(guest=guest, claimant=Host.objects.get(name=self.hostc),
+                                     recorded_host="hostb", reason="the portal places the "
+                                     "guest on hostb", report={
+                                         "uuid": str(guest.uuid), "name": "sarge",
+                                         "domain_id": 4, "memory_mib": 128, "vcpus": 1,
+                                         "state": "running", "active": True, "config": {}})
         return str(guest.uuid)
 
     @cached_property
@@ -167,10 +183,15 @@ def client_for(identity, world, fixture):
     if identity == "host credential":
         world.hostb  # noqa: B018  (makes hostb and its credential)
         return Client(HTTP_AUTHORIZATION=f"Host {world.host_secret}")
+    # A job credential travels with the credential of the host it was issued to.
     if identity == "job upload credential":
-        return Client(HTTP_AUTHORIZATION=f"Job {world.save_credential()}")
+        secret = world.save_credential()
+        return Client(HTTP_AUTHORIZATION=f"Job {secret}",
+                      HTTP_X_BERTH_HOST_CREDENTIAL=world.host_secret)
     if identity == "job download credential":
-        return Client(HTTP_AUTHORIZATION=f"Job {world.restore_credential()}")
+        secret = world.restore_credential()
+        return Client(HTTP_AUTHORIZATION=f"Job {secret}",
+                      HTTP_X_BERTH_HOST_CREDENTIAL=world.hostc_secret)
     admin = fixture("admin_user")  # tokens are an admin's: only the scope limits them
     if identity == "expired token":
         return _token_client(admin, SCOPES, expiry=timedelta(seconds=-1))
@@ -233,6 +254,9 @@ def credential_headers(client):
     authorization = client.defaults.get("HTTP_AUTHORIZATION")
     if authorization:
         headers.append((b"authorization", authorization.encode()))
+    host_credential = client.defaults.get("HTTP_X_BERTH_HOST_CREDENTIAL")
+    if host_credential:
+        headers.append((b"x-berth-host-credential", host_credential.encode()))
     session = client.cookies.get("sessionid")
     if session:
         # A browser sends the CSRF cookie and header with an unsafe request.
@@ -249,8 +273,11 @@ def asgi_upload(client, path):
     from vault import upload
 
     body = memory_like(16 * 1024)
+    # A job's upload is named by its job; anyone else names it.
+    by_job = client.defaults.get("HTTP_AUTHORIZATION", "").startswith("Job ")
     headers = [(b"host", b"127.0.0.1"), (b"content-type", b"application/octet-stream"),
-               (b"content-length", str(len(body)).encode()), (b"x-berth-name", b"matrix"),
+               (b"content-length", str(len(body)).encode()),
+               *([] if by_job else [(b"x-berth-name", b"matrix")]),
                *credential_headers(client)]
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
              "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),

@@ -6,7 +6,7 @@ from django.contrib.auth.models import AnonymousUser
 from django.test import Client
 
 from portal.accounts import create_user
-from portal.models import AuditRecord
+from portal.models import AuditRecord, RefusalWindow
 from tests.conftest import PASSWORD, verify_second_factor
 from tests.vault.conftest import request_as, store_image
 from vault import access
@@ -172,12 +172,34 @@ def test_a_restore_credential_downloads_its_own_image_only(people, image):
     from tests.support.authz import World
 
     other = store_image(people["owner"], b"\x02" * 10000, name="other")
-    host = Host.objects.get(name=World().hostc)
+    world = World()
+    host = Host.objects.get(name=world.hostc)
     job = Job.objects.create(kind=JobKind.RESTORE, state=JobState.RUNNING,
                              requester=people["owner"], guest_uuid=uuid.uuid4(), image=image,
                              destination_host=host)
-    agent = Client(HTTP_AUTHORIZATION="Job " + credentials.issue_job_credential(
-        job, JobCredential.DOWNLOAD, image.id))
-    assert agent.get(f"/api/v1/images/{other.id}/content").status_code == 403
+
+    def agent():  # single use: each request its own, beside its host's credential
+        return Client(HTTP_AUTHORIZATION="Job " + credentials.issue_job_credential(
+            job, JobCredential.DOWNLOAD, image.id), HTTP_X_BERTH_HOST_CREDENTIAL=world.hostc_secret)
+    assert agent().get(f"/api/v1/images/{other.id}/content").status_code == 403
     assert AuditRecord.objects.filter(target=other.target, outcome="denied").exists()
-    assert agent.get(f"/api/v1/images/{image.id}/content").status_code == 200
+    assert agent().get(f"/api/v1/images/{image.id}/content").status_code == 200
+    # The same kind of credential in another host's hands (beside hostb's credential).
+    stolen = Client(HTTP_AUTHORIZATION="Job " + credentials.issue_job_credential(
+        job, JobCredential.DOWNLOAD, image.id), HTTP_X_BERTH_HOST_CREDENTIAL=world.host_secret
+        if world.hostb else "")
+    answer = stolen.get(f"/api/v1/images/{image.id}/content")
+    assert answer.status_code == 401 and "another host" in answer.json()["detail"]
+    assert AuditRecord.objects.filter(action="job.credential_refused", actor="host:hostb",
+                                      outcome="denied").exists()
+
+
+def test_a_flood_of_anonymous_page_requests_is_one_audit_record(people, image):
+    """Pages have no rate limit: each anonymous refusal was a row of its own."""
+    client = Client(REMOTE_ADDR="10.7.7.7")
+    for _ in range(100):
+        assert client.get(f"/vault/{image.id}/").status_code == 302
+    [entry] = AuditRecord.objects.filter(action="image.view", outcome="denied")
+    assert (entry.actor_kind, entry.source_ip, entry.target) == (
+        "anonymous", "10.7.7.7", image.target)
+    assert RefusalWindow.objects.get(action="image.view").count == 100

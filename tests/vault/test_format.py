@@ -649,3 +649,27 @@ def test_vector_re_encodes_to_identical_bytes(name):
     image, envelope = make_vectors.encode(spec, doc)
     assert image == files["image"] and envelope == files["envelope"]
     assert image[:vf.HEADER_SIZE].hex() == doc["header_hex"]
+
+
+@pytest.mark.parametrize("name", vectors())
+def test_vector_binds_its_image_id_and_key_version(name):
+    """Section 4a: what the portal compares with the image's record is authenticated."""
+    doc, files = load(name)
+    header, envelope = files["image"][:vf.HEADER_SIZE], files["envelope"]
+    image_id, kek = uuid.UUID(doc["image_id"]), bytes.fromhex(doc["kek"])
+    assert vf.parse_header(header).image_id == image_id
+    assert envelope[13:29] == image_id.bytes
+    assert vf.envelope_key_version(envelope) == doc["key_version"]
+    # To make the object answer to record B, both ids would have to say B:
+    other = uuid.uuid4().bytes
+    moved_header = header[:12] + other + header[28:]
+    moved_envelope = envelope[:13] + other + envelope[29:]
+    with pytest.raises(vf.WrongKey):  # the envelope's AAD holds the id and the header digest
+        vf.unwrap_data_key(lambda v: kek, moved_envelope, moved_header)
+    with pytest.raises(vf.BadHeader):  # and the header's tag holds the id, under the DEK
+        vf.ImageReader(io.BytesIO(moved_header + files["image"][vf.HEADER_SIZE:]),
+                       bytes.fromhex(doc["dek"]))
+    # Another version number, even one whose key is the same, does not unwrap.
+    relabelled = envelope[:9] + (doc["key_version"] + 1).to_bytes(4, "big") + envelope[13:]
+    with pytest.raises(vf.WrongKey):
+        vf.unwrap_data_key(lambda v: kek, relabelled, header)

@@ -1,5 +1,6 @@
 import pytest
 from django.core.management import call_command
+from django.core.management.base import CommandError
 
 from portal.models import AuditRecord
 from tests.vault.conftest import memory_like, store_image
@@ -30,7 +31,7 @@ def test_rotation_rewraps_every_key_without_touching_image_data(images):
     before = {i.id: read_all(i) for i in images}
     raw_before = {i.id: sorted(p.read_bytes() for p in service.storage().root.rglob("*.img"))
                   for i in images[:1]}
-    version, count, _ = maintenance.rotate_keys()
+    version, count, _, _ = maintenance.rotate_keys()
     assert version == 2 and count == 3
     for image in SavedImage.objects.all():
         assert image.key_version == 2
@@ -43,7 +44,7 @@ def test_rotation_rewraps_every_key_without_touching_image_data(images):
 
 def test_old_key_version_is_no_longer_needed_after_rotation(images):
     before = {i.id: read_all(i) for i in images}
-    _, _, retired = maintenance.rotate_keys(retire=True)
+    _, _, retired, _ = maintenance.rotate_keys(retire=True)
     assert retired == [1]
     assert service.keyring().versions() == [2]
     for image in SavedImage.objects.all():
@@ -64,7 +65,7 @@ def test_interrupted_rotation_reruns_cleanly(images, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         maintenance.rotate_keys()
     monkeypatch.setattr(maintenance, "_rewrap", original)
-    version, count, _ = maintenance.rotate_keys()
+    version, count, _, _ = maintenance.rotate_keys()
     assert version == 2  # finished the interrupted rotation instead of starting another
     assert count == 2
     assert set(SavedImage.objects.values_list("key_version", flat=True)) == {2}
@@ -72,11 +73,33 @@ def test_interrupted_rotation_reruns_cleanly(images, monkeypatch):
         assert len(read_all(image)) == 200_000
 
 
+def test_rotation_goes_past_an_image_with_another_images_envelope_and_reports_it(
+        images, capsys):
+    root = service.storage().root
+    (theirs,) = root.rglob(f"{images[0].id}.key")
+    (mine,) = root.rglob(f"{images[1].id}.key")
+    mine.write_bytes(theirs.read_bytes())
+    with pytest.raises(CommandError, match="1 image.*nothing retired"):
+        call_command("vault", "rotate-key", "--retire")
+    out = capsys.readouterr().out
+    assert f"{images[1].id}  LEFT AS IT IS  (key envelope is for image {images[0].id}" in out
+    assert "re-wrapped 2 data key(s)" in out and "retired" not in out
+    assert service.keyring().versions() == [1, 2]  # the damaged image's version is kept
+    for image in (images[0], images[2]):
+        image.refresh_from_db()
+        assert image.key_version == 2 and len(read_all(image)) == 200_000
+    (record,) = AuditRecord.objects.filter(action="vault.rotate_key")
+    assert record.outcome == "failed" and list(record.details["failed"]) == [str(images[1].id)]
+
+
 def test_wrong_master_key_is_rejected(images, settings, tmp_path):
     settings.VAULT_KEYRING = tmp_path / "other-keyring.json"
     service.reset_caches()
-    with pytest.raises(vformat.FormatError):
+    # To the portal a master key that does not unwrap is an envelope failure:
+    # refused as an integrity error, the cause kept for the audit trail.
+    with pytest.raises(service.ImageIntegrityError) as refused:
         read_all(images[0])
+    assert "wrong master key" in refused.value.reason
 
 
 def test_rotate_key_command_reports(images, capsys):

@@ -245,3 +245,28 @@ async def test_a_browser_upload_without_the_csrf_token_is_refused(admin_client):
     status, body = await post(headers, [b"abcd"])
     assert status == 403 and "CSRF" in body["detail"]
     assert await sync_to_async(nothing_stored)()
+
+
+async def upload_records():
+    return [r async for r in AuditRecord.objects.filter(action="image.upload").order_by("seq")]
+
+
+async def test_an_interrupted_upload_is_audited(token):
+    data = memory_like(3 * 1024 * 1024)
+    await post(headers_for(token, len(data)), pieces_of(data), disconnect_after=5)
+    [entry] = await upload_records()
+    assert (entry.outcome, entry.actor_kind, entry.target) == ("failed", "token", "vault")
+    assert entry.details["error"] == "interrupted"
+    assert entry.details["declared_size"] == len(data) and entry.details["name"] == "etch"
+
+
+@pytest.mark.parametrize(("headers", "body", "code"), [
+    ({"X-Berth-SHA256": "0" * 64}, b"abcd", "digest_mismatch"),
+    ({"Content-Length": "14"}, b"abcd", "length_mismatch"),
+    ({"X-Berth-Name": ""}, b"abcd", "invalid")])
+async def test_an_upload_failing_its_own_checks_is_audited(token, headers, body, code):
+    status, answer = await post({**headers_for(token, len(body)), **headers}, [body])
+    assert answer["error"] == code
+    [entry] = await upload_records()
+    assert (entry.outcome, entry.details["error"]) == ("denied", code)
+    assert entry.details["reason"] == answer["detail"]

@@ -56,3 +56,25 @@ def test_upload_waiting_for_100_continue_is_stored(real_portal):
             answer += sock.recv(65536)
     assert answer.startswith(b"HTTP/1.1 201 ")
     assert [image["plaintext_size"] for image in images(portal, token)] == [len(body)]
+
+
+def test_client_sending_half_a_body_and_closing_is_audited(real_portal):
+    """Issue 14, 5: an interrupted upload left no audit row."""
+    portal, _ = real_portal
+    token = portal.issue_token("admin", "images:write", "images:read", "audit:read")
+    with socket.create_connection(("127.0.0.1", portal.port)) as sock:
+        sock.sendall(upload_head(portal, token, 16 * MiB) + os.urandom(8 * MiB))
+        wait_for(lambda: partials(portal), "the upload never started writing")
+    wait_for(lambda: upload_records(portal, token), "the interrupted upload was not audited")
+    [entry] = upload_records(portal, token)
+    assert (entry["outcome"], entry["details"]["error"]) == ("failed", "interrupted")
+    assert entry["details"]["declared_size"] == 16 * MiB
+    assert entry["actor"].startswith("admin:token:")
+    assert images(portal, token) == []
+
+
+def upload_records(portal, token):
+    response = httpx.get(f"{portal.url}/api/v1/audit/", params={"action": "image.upload"},
+                         headers={"Authorization": f"Token {token}"})
+    assert response.status_code == 200, response.text
+    return response.json()["results"]

@@ -140,7 +140,8 @@ class FakeImages:
     ``mode`` for uploads: "ok" (201), "refuse" (422 with a JSON detail after
     reading the body), "drop" (close the connection mid-body), "stall" (read a
     little, then wait for ``release`` before going on as "ok").  A download in
-    "stall" mode sends half the image, then waits for ``release``."""
+    "stall" mode sends half the image, then waits for ``release``; in "integrity"
+    mode it is refused as the portal refuses an image that fails its integrity check."""
 
     def __init__(self, websocket=None):
         self.websocket = websocket  # a FakeWsPortal to pass /ws/agent/ upgrades to
@@ -264,6 +265,9 @@ class FakeImages:
         data = self.images.get(image)
         if data is None:
             return self._answer(h, 404, {"error": "not_found", "detail": "No such image."})
+        if self.mode == "integrity":  # as the portal answers for a swapped or altered object
+            return self._answer(h, 409, {"error": "integrity_error",
+                                         "detail": f"Image {image} failed its integrity check."})
         h.send_response(200)
         h.send_header("Content-Type", "application/octet-stream")
         h.send_header("Content-Length", str(len(data)))

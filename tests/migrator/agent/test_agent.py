@@ -378,6 +378,29 @@ def test_truncated_or_mismatching_download_creates_no_guest(portal, images, make
     assert agent.driver.list() == [] and agent.driver.capacity().reserved_mib == 0
 
 
+def test_an_image_that_fails_its_integrity_check_fails_the_restore_saying_so(
+        portal, images, make_agent):
+    agent = make_agent(portal.url)
+    portal.hello()
+    guest_uuid, _, data = saved_elsewhere()
+    image = images.add_image(data)
+    images.mode = "integrity"
+    refused = restore_command(image, data, guest_uuid, images)
+    portal.send(refused)
+    result = portal.result(refused["job"])
+    assert result["state"] == "failed"
+    assert f"image {image} failed its integrity check" in result["error"]
+    assert "nothing was restored" in result["error"]
+    # Cut mid-answer (the portal stops at a chunk that fails): the error says it may be that.
+    images.mode, images.truncate = "ok", len(data) // 2
+    cut = restore_command(image, data, guest_uuid, images)
+    portal.send(cut)
+    result = portal.result(cut["job"])
+    assert result["state"] == "failed" and "ended after" in result["error"]
+    assert "failed its integrity check" in result["error"]
+    assert agent.driver.list() == [] and agent.driver.capacity().reserved_mib == 0
+
+
 def test_restore_refusals_are_clear(portal, images, make_agent):
     agent = make_agent(portal.url, memory_mib=2)
     portal.hello()

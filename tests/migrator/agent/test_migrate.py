@@ -47,3 +47,13 @@ def test_the_commit_check_reaches_the_engine(tmp_path):
     assert job(tmp_path).settings.verify == "sampled"  # an old portal: the default
     with pytest.raises(BadCommand, match="migrate parameters"):
         job(tmp_path, verify="none")
+
+
+def test_the_bandwidth_cap_reaches_the_engine(tmp_path):
+    assert job(tmp_path, max_bandwidth_mbps=120).settings.max_bandwidth_mbps == 120
+    assert job(tmp_path, max_bandwidth_mbps=120).settings.max_bandwidth == 120e6  # bytes/s
+    assert job(tmp_path).settings.max_bandwidth_mbps == 0  # an old portal: no cap
+    assert job(tmp_path, max_bandwidth_mbps=0).settings.max_bandwidth_mbps == 0
+    for bad in (-1, "fast", float("inf")):
+        with pytest.raises(BadCommand, match="migrate parameters"):
+            job(tmp_path, max_bandwidth_mbps=bad)

@@ -123,10 +123,10 @@ def destination(drivers, pki):
             if hook is not None:
                 hook(event)
 
+        kw = {"io_timeout": 5.0, "handshake_timeout": 5.0, "commit_timeout": 5.0, **kw}
         dest.server = RelocationServer(
             driver, facts or HostFacts(SUBNET, [STORAGE], 100.0), pki["hostc"].server(),
-            AllowList(allow), dest.tickets, on_event, port=0, io_timeout=5.0,
-            handshake_timeout=5.0, commit_timeout=5.0, **kw)
+            AllowList(allow), dest.tickets, on_event, port=0, **kw)
         dest.server.start()
         started.append(dest.server)
         return dest

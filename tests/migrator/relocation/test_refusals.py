@@ -141,3 +141,31 @@ def test_unreachable_destination_fails_cleanly(source, pki):
     result = migration(source, guest.uuid, port, pki).run()
     assert result["state"] == "failed" and "cannot connect" in result["reason"]
     assert source.get(guest.uuid).state is GuestState.RUNNING
+
+
+@pytest.mark.parametrize(("who", "peer"), [("not allowed", "hostd"), ("revoked", "hostb")])
+def test_a_refusal_after_the_certificate_was_verified_names_the_peer(
+        setup, pki, caplog, source, who, peer):
+    """Issue 14, 5: the allow-list refusal's log line said ``peer=-``."""
+    caplog.set_level(logging.INFO, logger="berth.relocation")
+    dest, guest, _, _ = setup
+    if who == "revoked":
+        dest.server.revoked_serials = {pki["hostb"].serial}
+    migration(source, guest.uuid, dest.port, pki, context=pki[peer].client()).run()
+    refusal = refused_once(dest, caplog, "authorize", "")
+    assert refusal["peer"] == peer
+    [line] = [r.getMessage() for r in caplog.records if "relocation refused" in r.getMessage()]
+    assert f"peer={peer} " in line
+
+
+def test_garbage_frames_from_a_certified_peer_are_a_protocol_refusal(setup, pki, caplog):
+    caplog.set_level(logging.INFO, logger="berth.relocation")
+    dest, _, _, capacity = setup
+    with socket.create_connection(("127.0.0.1", dest.port), timeout=5) as raw:
+        with pki["hostb"].client().wrap_socket(raw) as tls:
+            tls.sendall(b"\xff" * 64)  # no frame type this protocol knows
+            with contextlib.suppress(OSError):
+                tls.recv(100)
+    refusal = refused_once(dest, caplog, "protocol", "unknown frame type")
+    assert (refusal["peer"], refusal["address"]) == ("hostb", "127.0.0.1")
+    assert_destination_clean(dest, capacity)

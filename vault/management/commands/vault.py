@@ -24,10 +24,15 @@ class Command(BaseCommand):
         getattr(self, "do_" + action.replace("-", "_"))(**options)
 
     def do_rotate_key(self, retire, **_):
-        version, count, retired = maintenance.rotate_keys(retire=retire)
+        version, count, retired, failed = maintenance.rotate_keys(retire=retire)
         self.stdout.write(f"master key is now version {version}; re-wrapped {count} data key(s)")
         if retired:
             self.stdout.write(f"retired version(s): {', '.join(map(str, retired))}")
+        for image_id, reason in failed.items():
+            self.stdout.write(f"{image_id}  LEFT AS IT IS  ({reason})")
+        if failed:
+            raise CommandError(f"{len(failed)} image(s) could not be re-wrapped (see above; "
+                               "nothing retired); run: vault verify --all")
 
     def do_verify(self, ids, all, **_):
         if all == bool(ids):

@@ -22,7 +22,7 @@ def unconfirmed_to_unknown(apps, schema_editor):
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('migrator', '0005_job_idempotency_key_once_per_user'),
+        ('migrator', '0006_job_idempotency_key_once_per_user'),
     ]
 
     operations = [
