@@ -56,7 +56,7 @@ BUSY_READ_LIMIT = 256 * 1024
 ACCEPTS_PER_WAKE = 64       # then handshakes get their turn
 POLL = 0.2                  # s: how often the loop looks at the stop flag
 
-Refuse = Callable[[str, str, "str | None", str], None]   # stage, reason, peer, address
+Refuse = Callable[..., None]   # (stage, reason, peer, address, *, count=1)
 Authorize = Callable[[ssl.SSLSocket, str], str]          # -> peer name, or PeerIdentityError
 Admit = Callable[[ssl.SSLSocket, str, str], "str | None"]  # -> None, or why it is busy
 
@@ -121,7 +121,7 @@ class _Reports:
                 self._refuse("connect", f"{count} more unauthenticated connections {where} "
                              f"closed in the last {now - since:.0f} s (handshake deadline, "
                              "caps, or failed handshakes)", None,
-                             address if key != "*" else "-")
+                             address if key != "*" else "-", count=count)
 
 
 class FrontDoor:

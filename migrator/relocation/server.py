@@ -513,12 +513,13 @@ class RelocationServer:
                 log.exception("relocation on_guest callback failed")
 
     def refuse(self, stage: str, reason: str, peer: str | None, address: str | None,
-               guest: str | None = None) -> None:
-        """One clear log line and one event per refusal (for the audit)."""
+               guest: str | None = None, *, count: int = 1) -> None:
+        """One clear log line and one event per refusal (for the audit); ``count``:
+        how many refusals the line stands for (the front door's summary of a flood)."""
         log.warning("relocation refused on %s: stage=%s peer=%s address=%s guest=%s: %s",
                     self.host_name, stage, peer or "-", address or "-", guest or "-", reason)
         self.emit({"kind": "refused", "stage": stage, "peer": peer, "address": address,
-                   "guest": guest, "reason": reason})
+                   "guest": guest, "reason": reason, "count": count})
 
     def activated(self, info: GuestInfo) -> None:
         ip = info.config.get("ip", "")
