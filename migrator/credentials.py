@@ -128,11 +128,14 @@ def _refuse_presenter(request, credential, presenter):
     issued_to = credential.host.name if credential.host_id else None
     reason = (f"job credential of {issued_to or 'no host'} presented by "
               f"{presenter.name if presenter else 'no authenticated host'}")
-    audit.record("job.credential_refused", actor=audit.Actor(
+    # A refused presentation does not spend the credential, so it can be repeated at
+    # will: aggregated per presenter like every refusal an outsider can repeat.
+    address = request.META.get("REMOTE_ADDR") or None
+    audit.record_refusal("job.credential_refused", actor=audit.Actor(
         ActorKind.HOST if presenter else ActorKind.ANONYMOUS,
         f"host:{presenter.name}" if presenter else "unknown agent"),
-        target=f"job:{credential.job_id}", outcome=Outcome.DENIED,
-        source_ip=request.META.get("REMOTE_ADDR") or None,
+        source=f"host:{presenter.name}" if presenter else address,
+        target=f"job:{credential.job_id}", source_ip=address,
         details={"reason": reason, "purpose": credential.purpose})
     raise exceptions.AuthenticationFailed(
         f"This job credential was issued to another host; present it with that host's "

@@ -8,6 +8,7 @@ from rest_framework.test import APIRequestFactory
 
 from migrator import credentials
 from migrator.models import Job, JobCredential, JobKind
+from portal import audit
 from portal.models import AuditRecord
 from tests.migrator.conftest import GUEST, host
 
@@ -47,10 +48,14 @@ def test_a_credential_is_bound_to_the_host_of_its_job(job, enrolled):
         with pytest.raises(exceptions.AuthenticationFailed, match="another host"):
             authenticate(secret, presenter)
     refused = AuditRecord.objects.filter(action="job.credential_refused").order_by("seq")
+    # Repeatable at will (a refusal does not spend it): one record per presenter and
+    # interval, the repeats counted into the interval's aggregate.
     assert [(r.outcome, r.actor, r.target) for r in refused] == [
         ("denied", "host:hostc", f"job:{job.id}"),
-        ("denied", "unknown agent", f"job:{job.id}"),
         ("denied", "unknown agent", f"job:{job.id}")]
+    audit.flush_refusals(timezone.now() + timedelta(hours=1))
+    aggregate = AuditRecord.objects.filter(action="job.credential_refused").last()
+    assert (aggregate.actor, aggregate.details["refusals"]) == ("unknown agent", 1)
     # Refused presentations did not spend it: its own host still can.
     assert authenticate(secret, enrolled["hostb"])[1].job == job
 
