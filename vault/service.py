@@ -133,10 +133,13 @@ def upload_metadata(request, meta):
                 meta = {**meta, **imposed}
     except signals.StoreRefused as exc:
         audit.record_request(request, "image.upload", target="vault", outcome=Outcome.DENIED,
-                             details={"reason": exc.detail})
+                             details={"reason": exc.detail, "error": exc.error})
         raise
     if not meta.get("name"):
-        raise signals.StoreRefused(400, "invalid", "X-Berth-Name is required.")
+        refusal = signals.StoreRefused(400, "invalid", "X-Berth-Name is required.")
+        audit.record_request(request, "image.upload", target="vault", outcome=Outcome.DENIED,
+                             details={"reason": refusal.detail, "error": refusal.error})
+        raise refusal
     return meta
 
 

@@ -128,13 +128,11 @@ class RefusalReports:
         self._pending: dict[tuple[str, str], dict[str, Any]] = {}
 
     def add(self, event: dict[str, Any]) -> None:
-        """Count one ``refused`` event of the relocation server (a summary event
-        stands for ``count`` refusals)."""
+        """Count one ``refused`` event of the relocation server."""
         now = time.time()
         self._merge({"stage": str(event.get("stage") or "-"), "peer": event.get("peer"),
                      "address": event.get("address"), "guest": event.get("guest"),
-                     "reason": str(event.get("reason", "")),
-                     "count": max(1, int(event.get("count") or 1)),
+                     "reason": str(event.get("reason", "")), "count": 1,
                      "first": now, "last": now})
 
     def take(self) -> list[dict[str, Any]]:

@@ -23,9 +23,10 @@ certified peer needs (docs/relocation-protocol.md, section 1):
   BUSY frame, then its HELLO is read and dropped briefly so that closing
   does not reset the connection before the frame is read.
 
-Refusals of strangers are reported through ``refuse`` at most once per
-address and ``REPORT_WINDOW``, the rest counted into one summary: a flood
-of connections cannot become a flood of log lines and events.
+Every refusal of a stranger goes through ``refuse`` as an event (the agent
+counts them for the portal's audit trail, which aggregates them), but only
+the first per address and ``REPORT_WINDOW`` is logged, the rest counted into
+one summary line: a flood of connections cannot become a flood of log lines.
 
 Django-free.
 """
@@ -49,14 +50,14 @@ from .protocol import HEADER, Msg
 
 log = logging.getLogger("berth.relocation")
 
-REPORT_WINDOW = 60.0        # s: one report per address and window, then a count
+REPORT_WINDOW = 60.0        # s: one log line per address and window, then a count
 REPORT_ADDRESSES = 1024     # addresses tracked for reports; beyond, one shared count
 BUSY_LINGER = 1.0           # s to read (and drop) a busy peer's HELLO before closing
 BUSY_READ_LIMIT = 256 * 1024
 ACCEPTS_PER_WAKE = 64       # then handshakes get their turn
 POLL = 0.2                  # s: how often the loop looks at the stop flag
 
-Refuse = Callable[..., None]   # (stage, reason, peer, address, *, count=1)
+Refuse = Callable[..., None]   # (stage, reason, peer, address, *, log_line, event)
 Authorize = Callable[[ssl.SSLSocket, str], str]          # -> peer name, or PeerIdentityError
 Admit = Callable[[ssl.SSLSocket, str, str], "str | None"]  # -> None, or why it is busy
 
@@ -92,7 +93,7 @@ class _Stranger:
 
 
 class _Reports:
-    """Refusals of strangers, at most one report per address and window."""
+    """Refusals of strangers: each an event, at most one log line per address and window."""
 
     def __init__(self, refuse: Refuse):
         self._refuse, self._window = refuse, REPORT_WINDOW
@@ -104,7 +105,8 @@ class _Reports:
         if key not in self._since and len(self._since) >= REPORT_ADDRESSES:
             key = "*"  # past that many addresses, one shared count for the rest
         if key in self._since:
-            self._counts[key] += 1
+            self._counts[key] += 1  # counted for the portal's audit, not logged again
+            self._refuse(stage, reason, None, address if key != "*" else "-", log_line=False)
             return
         self._since[key], self._address[key] = now, address
         self._refuse(stage, reason, None, address if key != "*" else "-")
@@ -121,7 +123,7 @@ class _Reports:
                 self._refuse("connect", f"{count} more unauthenticated connections {where} "
                              f"closed in the last {now - since:.0f} s (handshake deadline, "
                              "caps, or failed handshakes)", None,
-                             address if key != "*" else "-", count=count)
+                             address if key != "*" else "-", event=False)
 
 
 class FrontDoor:

@@ -513,13 +513,18 @@ class RelocationServer:
                 log.exception("relocation on_guest callback failed")
 
     def refuse(self, stage: str, reason: str, peer: str | None, address: str | None,
-               guest: str | None = None, *, count: int = 1) -> None:
-        """One clear log line and one event per refusal (for the audit); ``count``:
-        how many refusals the line stands for (the front door's summary of a flood)."""
-        log.warning("relocation refused on %s: stage=%s peer=%s address=%s guest=%s: %s",
-                    self.host_name, stage, peer or "-", address or "-", guest or "-", reason)
-        self.emit({"kind": "refused", "stage": stage, "peer": peer, "address": address,
-                   "guest": guest, "reason": reason, "count": count})
+               guest: str | None = None, *, log_line: bool = True,
+               event: bool = True) -> None:
+        """One clear log line and one event per refusal (the event reaches the portal's
+        audit trail, counted). The front door logs only the first refusal of a flood
+        from one address (``log_line=False`` for the rest, whose events still count)
+        and then a summary line (``event=False``: its refusals were counted already)."""
+        if log_line:
+            log.warning("relocation refused on %s: stage=%s peer=%s address=%s guest=%s: %s",
+                        self.host_name, stage, peer or "-", address or "-", guest or "-", reason)
+        if event:
+            self.emit({"kind": "refused", "stage": stage, "peer": peer, "address": address,
+                       "guest": guest, "reason": reason})
 
     def activated(self, info: GuestInfo) -> None:
         ip = info.config.get("ip", "")

@@ -95,13 +95,14 @@ def test_revoke_ends_the_hosts_unused_job_credentials(enrolled, admin_user):
     hostb_upload = credentials.issue_job_credential(job_on("hostb"), JobCredential.UPLOAD)
     hostc_upload = credentials.issue_job_credential(job_on("hostc"), JobCredential.UPLOAD)
 
-    def authenticate(secret):
-        request = APIRequestFactory().post("/", HTTP_AUTHORIZATION=f"Job {secret}")
+    def authenticate(secret, host):  # presented beside its host's own credential
+        request = APIRequestFactory().post("/", HTTP_AUTHORIZATION=f"Job {secret}",
+                                           HTTP_X_BERTH_HOST_CREDENTIAL=enrolled[host])
         return credentials.JobCredentialAuthentication().authenticate(request)
 
     revoke("hostb")
     with pytest.raises(exceptions.AuthenticationFailed, match="expired"):
-        authenticate(hostb_upload)  # the revoked host moves no more image bytes
-    assert authenticate(hostc_upload)[0] == admin_user
+        authenticate(hostb_upload, "hostb")  # the revoked host moves no more image bytes
+    assert authenticate(hostc_upload, "hostc")[0] == admin_user
     record = AuditRecord.objects.get(action="host.revoke")
     assert record.details["job_credentials_ended"] == 1

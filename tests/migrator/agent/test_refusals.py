@@ -10,7 +10,6 @@ from migrator.agent import Agent
 from migrator.agent.config import RelocationConfig
 from migrator.agent.outbox import RefusalReports
 from migrator.hypervisor import SimDriver
-from migrator.relocation import admission
 from tests.migrator.relocation.conftest import TICKET, pki  # noqa: F401 - the pki fixture
 
 from .conftest import FakeWsPortal, agent_config
@@ -70,15 +69,7 @@ def test_a_certified_peers_forged_ticket_is_reported_with_its_name(hostc, pki): 
     assert "unknown, used or expired ticket" in report["reason"]
 
 
-@pytest.fixture
-def short_report_window(monkeypatch):
-    """The front door reports one refusal per address, then a count when its window
-    ends: a short window, so the test sees the count (set before the agent starts)."""
-    monkeypatch.setattr(admission, "REPORT_WINDOW", 1.0)
-
-
-def test_refusals_while_the_portal_is_away_are_kept_counted_and_sent_on_return(
-        short_report_window, hostc):
+def test_refusals_while_the_portal_is_away_are_kept_counted_and_sent_on_return(hostc):
     agent, portal = hostc
     port = portal.port
     portal.stop()
