@@ -128,15 +128,16 @@ def test_a_result_the_agent_sends_after_the_portal_failed_the_job_is_shown_on_it
 
 def test_a_job_whose_agent_vanished_is_unknown_on_its_page_until_an_admin_settles_it(
         page, admin, deployment):
-    """hostc's agent dies with a save queued: after the agent timeout the page shows
-    the job unknown, live (not failed: the agent may have done it), reloads once for
-    the reason and the settle form, and the admin settles it failed."""
-    agent = deployment.agents["hostc"]
+    """The agent of debian_etch's host dies with a save queued: after the agent timeout
+    the page shows the job unknown, live (not failed: the agent may have done it),
+    reloads once for the reason and the settle form, and the admin settles it failed."""
+    host = deployment.guest("debian_etch")["host"]  # where the tests before left it
+    agent = deployment.agents[host]
     page.goto("/")
-    page.wait_for_selector("#host-hostc .badge:has-text('online')")
+    page.wait_for_selector(f"#host-{host} .badge:has-text('online')")
     agent.send_signal(signal.SIGSTOP)  # the command waits unread; then the agent dies
     try:
-        page.click("#host-hostc button[data-guest='debian_etch']")
+        page.click(f"#host-{host} button[data-guest='debian_etch']")
         page.wait_for_url("**/jobs/*/")
         job_url, job_id = page.url, page.url.rstrip("/").rsplit("/", 1)[1]
         expect(page.locator("#job-state")).to_have_text("queued")
@@ -150,7 +151,7 @@ def test_a_job_whose_agent_vanished_is_unknown_on_its_page_until_an_admin_settle
         "The outcome of this job is unknown", timeout=30_000)  # after one reload
     assert admin.navigations.count(job_url) == 2, admin.navigations
     shot(page, "16-job-unknown")
-    page.fill("#settle-form input[name=reason]", "hostc's agent crashed before reading it")
+    page.fill("#settle-form input[name=reason]", f"{host}'s agent crashed before reading it")
     page.click("#settle-form button[value=failed]")
     page.wait_for_url(job_url)
     expect(page.locator("#job-state")).to_have_text("failed")
